@@ -1,0 +1,15 @@
+"""envs_mjx: the DeepMind Control Suite on MuJoCo XLA, as pure JAX functions.
+
+    env = envs_mjx.make("walker-run", action_repeat=2)
+    state = env.reset(jax.random.key(0))
+    state = env.step(state, action)
+"""
+
+from envs_mjx import xla_flags as _xla_flags  # must run before jax creates its CPU client
+
+_xla_flags.apply()
+
+from envs_mjx.base import Env, EnvState  # noqa: E402
+from envs_mjx.registry import DOMAINS, TASKS, list_tasks, make  # noqa: E402
+
+__all__ = ["DOMAINS", "Env", "EnvState", "TASKS", "list_tasks", "make"]

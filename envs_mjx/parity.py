@@ -1,0 +1,150 @@
+"""Parity of envs_mjx against dm_control itself (the reference), as used by the tests and the README table.
+
+One-step parity: MJX states (fresh resets and states along a random-action rollout) are copied into a
+dm_control environment of the same task (qpos, qvel, act, the solver warm start and any per-episode targets,
+inside `reset_context`, which runs dm_control's own forward pass); then both take the same action and their
+observations and rewards are compared. Trajectory divergence: both simulators start from the same state and
+take the same 200 random actions; the per-step reward difference measures how far the float32 MJX physics
+(and any MJX model change) drifts from dm_control's float64 MuJoCo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from envs_mjx.base import Env, EnvState
+from envs_mjx.registry import list_tasks, make, split_name
+
+
+@dataclasses.dataclass
+class ParityResult:
+    task: str
+    reset_obs_err: float  # max |obs_mjx - obs_dm| right after copying the state in
+    step_obs_err: float  # max |obs| difference after one control step
+    step_reward_err: float  # max |reward| difference after one control step
+    n_states: int
+
+
+@dataclasses.dataclass
+class DivergenceResult:
+    task: str
+    steps: int
+    mean_abs_reward_diff: float  # mean over steps of |r_mjx - r_dm|
+    max_abs_reward_diff: float
+    return_mjx: float
+    return_dm: float
+
+
+def load_dm_control(name: str, seed: int = 0):
+    from dm_control import suite  # pylint: disable=import-outside-toplevel
+
+    domain, task = split_name(name)
+    return suite.load(domain, task, task_kwargs={"random": seed})
+
+
+def flat_dm_observation(observation) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in observation.values()])
+
+
+def copy_state_into(dm_env, env: Env, state: EnvState, lane: int | None = None) -> np.ndarray:
+    """Put one MJX state into `dm_env`'s physics (dm_control runs its forward pass on leaving reset_context);
+    returns dm_control's observation of it."""
+    take = (lambda x: np.asarray(x)) if lane is None else (lambda x: np.asarray(x)[lane])
+    physics = dm_env.physics
+    with physics.reset_context():
+        physics.data.qpos[:] = take(state.data.qpos)
+        physics.data.qvel[:] = take(state.data.qvel)
+        if physics.model.na:
+            physics.data.act[:] = take(state.data.act)
+        physics.data.qacc_warmstart[:] = take(state.data.qacc_warmstart)
+        if env.domain.sync_dm_control is not None:
+            env.domain.sync_dm_control(dm_env, jax.tree.map(take, state.task_state))
+    return flat_dm_observation(dm_env.task.get_observation(physics))
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_fns(domain_name: str):
+    """jit(vmap(reset)) and jit(vmap(step)) for a domain, compiled once per batch shape and shared by every
+    task of the domain (tasks differ only in the params carried by the state)."""
+    env = make(list_tasks(domain_name)[0])
+    return env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step))
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def sample_states(domain_name: str, tasks: list[str], per_task: int, rollout_steps: int, seed: int = 0):
+    """States of each task: fresh resets, then the same lanes after `rollout_steps` random actions (so that
+    moving, contact-rich states are covered). Returns (env, step_fn, [(task, states), ...])."""
+    env, reset, step = _batched_fns(domain_name)
+    lanes = [t for t in tasks for _ in range(per_task)]
+    params = _stack([env.task_params(split_name(t)[1]) for t in lanes])
+    key = jax.random.key(seed)
+    states = reset(jax.random.split(key, len(lanes)), params)
+    snapshots = [states]
+    for i in range(rollout_steps):
+        actions = jax.random.uniform(jax.random.fold_in(key, i), (len(lanes), env.action_size), minval=-1, maxval=1)
+        states = step(states, actions)
+    snapshots.append(states)
+    return env, step, lanes, snapshots
+
+
+def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, rollout_steps: int = 20,
+                    seed: int = 0) -> list[ParityResult]:
+    tasks = tasks or list_tasks(domain_name)
+    env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, rollout_steps, seed)
+    rng = np.random.default_rng(seed)
+    errs = {t: [0.0, 0.0, 0.0, 0] for t in tasks}
+    dm_envs = {t: load_dm_control(t, seed) for t in tasks}
+    for states in snapshots:
+        actions = rng.uniform(-1, 1, (len(lanes), env.action_size)).astype(np.float32)
+        stepped = step(states, jnp.asarray(actions))
+        for lane, task in enumerate(lanes):
+            dm_env = dm_envs[task]
+            dm_env.reset()
+            obs_dm = copy_state_into(dm_env, env, states, lane)
+            e = errs[task]
+            e[0] = max(e[0], float(np.max(np.abs(np.asarray(states.obs[lane]) - obs_dm))))
+            ts = dm_env.step(env.ctrl_from_action(actions[lane]))
+            e[1] = max(e[1], float(np.max(np.abs(np.asarray(stepped.obs[lane]) - flat_dm_observation(ts.observation)))))
+            e[2] = max(e[2], abs(float(stepped.reward[lane]) - float(ts.reward)))
+            e[3] += 1
+    return [ParityResult(t, *errs[t]) for t in tasks]
+
+
+def trajectory_divergence(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, steps: int = 200,
+                          seed: int = 0) -> list[DivergenceResult]:
+    """Same start, same random actions, `steps` control steps in both simulators, for `per_task` episodes of
+    each task (the lanes of `one_step_parity`, so the compiled functions are shared). Figures are the worst
+    lane's."""
+    tasks = tasks or list_tasks(domain_name)
+    env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, 0, seed)
+    states = snapshots[0]
+    dm_envs = []
+    for lane, task in enumerate(lanes):
+        dm_envs.append(load_dm_control(task, seed))
+        dm_envs[-1].reset()
+        copy_state_into(dm_envs[-1], env, states, lane)
+    rng = np.random.default_rng(seed)
+    r_mjx, r_dm = np.zeros((steps, len(lanes))), np.zeros((steps, len(lanes)))
+    for i in range(steps):
+        actions = rng.uniform(-1, 1, (len(lanes), env.action_size)).astype(np.float32)
+        states = step(states, jnp.asarray(actions))
+        r_mjx[i] = np.asarray(states.reward)
+        for lane, dm_env in enumerate(dm_envs):
+            r_dm[i, lane] = dm_env.step(env.ctrl_from_action(actions[lane])).reward
+    results = []
+    for task in tasks:
+        cols = [i for i, t in enumerate(lanes) if t == task]
+        diff = np.abs(r_mjx[:, cols] - r_dm[:, cols])
+        worst = int(np.argmax(diff.mean(axis=0)))
+        results.append(DivergenceResult(task, steps, float(diff.mean(axis=0)[worst]), float(diff.max()),
+                                        float(r_mjx[:, cols[worst]].sum()), float(r_dm[:, cols[worst]].sum())))
+    return results
+

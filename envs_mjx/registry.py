@@ -1,0 +1,56 @@
+"""Task names -> environments. Names are `domain-task` with dm_control's own spelling inside."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from envs_mjx.base import Domain, Env
+
+# The 30 DMC tasks this package provides, in the order of the MAD-TD / TD-MPC2 papers' tables.
+TASKS = (
+    "acrobot-swingup", "ball_in_cup-catch", "cartpole-balance", "cartpole-balance_sparse", "cartpole-swingup",
+    "cartpole-swingup_sparse", "cheetah-run", "finger-spin", "finger-turn_easy", "finger-turn_hard", "fish-swim",
+    "hopper-stand", "hopper-hop", "pendulum-swingup", "point_mass-easy", "reacher-easy", "reacher-hard",
+    "swimmer-swimmer6", "walker-stand", "walker-walk", "walker-run", "quadruped-walk", "quadruped-run",
+    "humanoid-stand", "humanoid-walk", "humanoid-run", "dog-stand", "dog-walk", "dog-trot", "dog-run",
+)
+DOMAINS = tuple(dict.fromkeys(t.split("-")[0] for t in TASKS))
+
+
+def list_tasks(domain: str | None = None) -> list[str]:
+    """All task names, or those of one domain."""
+    if domain is None:
+        return list(TASKS)
+    if domain not in DOMAINS:
+        raise ValueError(_unknown("domain", domain, DOMAINS))
+    return [t for t in TASKS if t.split("-")[0] == domain]
+
+
+def _unknown(kind: str, name: str, valid) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(valid)}."
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'walker-run' -> ('walker', 'run'), failing with the closest valid names."""
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a string like 'walker-run', got {type(name).__name__}")
+    if name not in TASKS:
+        raise ValueError(_unknown("task", name, TASKS))
+    domain, task = name.split("-", 1)
+    return domain, task
+
+
+def get_domain(domain: str) -> Domain:
+    if domain not in DOMAINS:
+        raise ValueError(_unknown("domain", domain, DOMAINS))
+    return importlib.import_module(f"envs_mjx.{domain}").DOMAIN
+
+
+def make(name: str, action_repeat: int = 1) -> Env:
+    """The named task as an `Env` (see `envs_mjx.base.Env`). Envs of one domain share their compiled model,
+    so their `reset`/`step` can be vmapped over tasks: reset each lane with `env.task_params(task)`."""
+    domain, task = split_name(name)
+    return Env(get_domain(domain), task, action_repeat=action_repeat)

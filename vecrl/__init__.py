@@ -1,0 +1,1 @@
+"""vecrl: many-seed model-based off-policy RL on the accelerator."""
