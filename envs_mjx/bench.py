@@ -1,0 +1,91 @@
+"""Throughput of envs_mjx tasks: agent steps/s under vmap at several batch sizes, compile time, and
+dm_control's own single-environment CPU rate for comparison.
+
+    python -m envs_mjx.bench walker-run humanoid-run --batch 1 10 100 --steps 50 --action-repeat 2
+
+Agent steps/s counts environment steps summed over the batch (one agent step = `action_repeat` control
+steps). Steps run inside one jitted `lax.scan` (as in the trainer), with uniform random actions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from envs_mjx.registry import list_tasks, make
+
+
+def mjx_rate(task: str, batch: int, steps: int, action_repeat: int, seed: int = 0) -> dict:
+    env = make(task, action_repeat=action_repeat)
+
+    def rollout(key):
+        states = jax.vmap(env.reset)(jax.random.split(key, batch))
+
+        def body(states, k):
+            actions = jax.random.uniform(k, (batch, env.action_size), minval=-1, maxval=1)
+            states = jax.vmap(env.step)(states, actions)
+            return states, states.reward
+
+        _, rewards = jax.lax.scan(body, states, jax.random.split(key, steps))
+        return rewards
+
+    key = jax.random.key(seed)
+    t0 = time.perf_counter()
+    compiled = jax.jit(rollout).lower(key).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(key))  # warm
+    t0 = time.perf_counter()
+    rewards = jax.block_until_ready(compiled(jax.random.fold_in(key, 1)))
+    run_s = time.perf_counter() - t0
+    finite = bool(np.all(np.isfinite(np.asarray(rewards))))
+    return {"task": task, "batch": batch, "steps": steps, "action_repeat": action_repeat,
+            "compile_s": round(compile_s, 2), "agent_steps_per_s": round(batch * steps / run_s, 1),
+            "rewards_finite": finite}
+
+
+def dm_control_rate(task: str, steps: int, action_repeat: int, seed: int = 0) -> dict:
+    from envs_mjx.parity import load_dm_control  # pylint: disable=import-outside-toplevel
+
+    env = load_dm_control(task, seed)
+    spec = env.action_spec()
+    rng = np.random.default_rng(seed)
+    env.reset()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        action = rng.uniform(spec.minimum, spec.maximum)
+        for _ in range(action_repeat):
+            ts = env.step(action)
+            if ts.last():
+                env.reset()
+    return {"task": task, "action_repeat": action_repeat,
+            "dm_control_agent_steps_per_s": round(steps / (time.perf_counter() - t0), 1)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tasks", nargs="*", help="task names (default: all)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--steps", type=int, default=50, help="agent steps per measured rollout")
+    parser.add_argument("--action-repeat", type=int, default=2)
+    parser.add_argument("--dm-control-steps", type=int, default=500)
+    parser.add_argument("--jsonl", help="append results to this file")
+    args = parser.parse_args(argv)
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+    for task in args.tasks or list_tasks():
+        rows = [dm_control_rate(task, args.dm_control_steps, args.action_repeat)]
+        rows += [mjx_rate(task, b, args.steps, args.action_repeat) for b in args.batch]
+        for row in rows:
+            row["backend"] = jax.default_backend()
+            print(json.dumps(row), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
