@@ -9,6 +9,13 @@ from envs_mjx import xla_flags as _xla_flags  # must run before jax creates its 
 
 _xla_flags.apply()
 
+import contextlib as _contextlib  # noqa: E402
+import io as _io  # noqa: E402
+
+# mujoco.mjx prints "Failed to import warp" when the optional GPU backend is absent; we use the JAX backend.
+with _contextlib.redirect_stdout(_io.StringIO()):
+    from mujoco import mjx as _mjx  # noqa: E402,F401
+
 from envs_mjx.base import Env, EnvState  # noqa: E402
 from envs_mjx.registry import DOMAINS, TASKS, list_tasks, make  # noqa: E402
 

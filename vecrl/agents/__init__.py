@@ -1,0 +1,1 @@
+"""Agents: pure functions over pytrees behind one interface (see `base.Agent`)."""

@@ -1,0 +1,60 @@
+"""Flax modules shared by agents: MLP blocks, SimNorm, and MAD-TD's heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def uniform_fan_in(key, shape, dtype=jnp.float32):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for a Dense kernel [fan_in, fan_out]."""
+    bound = 1.0 / jnp.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dense(features: int, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, kernel_init=uniform_fan_in, bias_init=nn.initializers.zeros, name=name)
+
+
+def simnorm(x: jax.Array, group: int = 8) -> jax.Array:
+    """Softmax over consecutive groups of `group` features (a product of simplices)."""
+    shape = x.shape
+    if shape[-1] % group:
+        raise ValueError(f"SimNorm group {group} does not divide feature size {shape[-1]}")
+    return jax.nn.softmax(x.reshape(*shape[:-1], -1, group), axis=-1).reshape(shape)
+
+
+def simnorm_log(x: jax.Array, group: int = 8) -> jax.Array:
+    """Per-group log-softmax (log of `simnorm`)."""
+    shape = x.shape
+    return jax.nn.log_softmax(x.reshape(*shape[:-1], -1, group), axis=-1).reshape(shape)
+
+
+class MLP(nn.Module):
+    """Hidden blocks Dense -> LayerNorm -> Mish, then an optional linear output layer."""
+
+    hidden: Sequence[int]
+    out: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = jax.nn.mish(nn.LayerNorm()(dense(width)(x)))
+        if self.out is not None:
+            x = dense(self.out)(x)
+        return x
+
+
+class LatentHead(nn.Module):
+    """MLP -> Dense -> LayerNorm: logits of a SimNorm latent (the encoder's and the latent dynamics' output)."""
+
+    hidden: Sequence[int]
+    latent: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = MLP(self.hidden)(x)
+        return nn.LayerNorm()(dense(self.latent)(x))

@@ -1,0 +1,121 @@
+"""On-device replay for one (seed, task) lane; the trainer vmaps it. All functions are pure.
+
+`TrainBuffer` stores each step's observation once: transition s lives in slot s % capacity and its next
+observation is the next slot's observation (written together with the transition, so the newest transition is
+complete). That halves the observation memory of a paper-size run. Which transitions may be sampled is kept in a
+ring of transition numbers (`index`), so the 5% routed to the held-out buffer, and anything rejected, are never
+sampled, while their observations still serve as their predecessors' next observations.
+
+`HeldOutBuffer` is a plain ring of complete transitions (with whatever extra per-row data the trainer adds,
+e.g. the physics state), small because it receives only the held-out fraction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TrainBuffer:
+    obs: jax.Array  # [C, obs]
+    action: jax.Array  # [C, act]
+    reward: jax.Array  # [C]
+    mask: jax.Array  # [C] 1 - episode_end: the last transition of an episode has weight 0 in every loss
+    index: jax.Array  # [C] int32 ring of transition numbers that may be sampled
+    inserted: jax.Array  # int32: transitions written so far
+    indexed: jax.Array  # int32: entries appended to `index` so far
+    oldest: jax.Array  # int32: first entry of `index` whose transition is still complete in the ring
+
+    @property
+    def capacity(self) -> int:
+        return self.obs.shape[0]
+
+    def size(self) -> jax.Array:
+        """Number of transitions that can be sampled."""
+        return self.indexed - self.oldest
+
+
+def train_buffer_init(capacity: int, obs_size: int, action_size: int) -> TrainBuffer:
+    if capacity < 2:
+        raise ValueError(f"replay capacity must be at least 2, got {capacity}")
+    zero = jnp.zeros((), jnp.int32)
+    return TrainBuffer(obs=jnp.zeros((capacity, obs_size)), action=jnp.zeros((capacity, action_size)),
+                       reward=jnp.zeros((capacity,)), mask=jnp.zeros((capacity,)),
+                       index=jnp.zeros((capacity,), jnp.int32), inserted=zero, indexed=zero, oldest=zero)
+
+
+def train_buffer_add(buf: TrainBuffer, obs, action, reward, next_obs, episode_end, new_episode, sampleable,
+                     valid) -> TrainBuffer:
+    """Write one transition if `valid`; make it sampleable if `sampleable`.
+
+    `new_episode` says `obs` starts an episode: then the previous transition's next observation (pre-written
+    in this slot) is about to be replaced, so that transition gets weight 0; it was an episode end already
+    unless its episode stopped early (a contained NaN).
+    """
+    c = buf.capacity
+    s = buf.inserted
+    slot, next_slot, prev_slot = s % c, (s + 1) % c, (s - 1) % c
+    valid = jnp.asarray(valid)
+    sampleable = valid & sampleable
+
+    # Only the touched rows are selected on `valid`: a whole-buffer select would cost O(capacity) per step.
+    def put(array, i, row):
+        return array.at[i].set(jnp.where(valid, row, array[i]))
+
+    mask = put(buf.mask, prev_slot, jnp.where(new_episode, 0.0, buf.mask[prev_slot]))
+    mask = put(mask, slot, 1.0 - episode_end.astype(jnp.float32))
+    obs_ = put(put(buf.obs, slot, obs), next_slot, next_obs)
+    index = buf.index.at[buf.indexed % c].set(jnp.where(sampleable, s, buf.index[buf.indexed % c]))
+    indexed = buf.indexed + sampleable.astype(jnp.int32)
+    inserted = s + valid.astype(jnp.int32)
+    # Writing next_slot destroyed transition s + 1 - c (its observation) and, earlier, all before it: at most one
+    # index entry (they are increasing) falls out of the window per write.
+    stale = (buf.oldest < indexed) & (index[buf.oldest % c] < inserted + 1 - c)
+    return buf.replace(obs=obs_, action=put(buf.action, slot, action), reward=put(buf.reward, slot, reward),
+                       mask=mask, index=index, inserted=inserted, indexed=indexed,
+                       oldest=buf.oldest + stale.astype(jnp.int32))
+
+
+def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Uniform with replacement over sampleable transitions. The buffer must not be empty."""
+    c = buf.capacity
+    u = jax.random.randint(key, shape, buf.oldest, jnp.maximum(buf.indexed, buf.oldest + 1))
+    s = buf.index[u % c]
+    slot, next_slot = s % c, (s + 1) % c
+    return {"obs": buf.obs[slot], "action": buf.action[slot], "reward": buf.reward[slot],
+            "next_obs": buf.obs[next_slot], "mask": buf.mask[slot]}
+
+
+@struct.dataclass
+class HeldOutBuffer:
+    data: Any  # pytree of [H, ...] rows
+    inserted: jax.Array  # int32
+
+    @property
+    def capacity(self) -> int:
+        return jax.tree.leaves(self.data)[0].shape[0]
+
+    def size(self) -> jax.Array:
+        return jnp.minimum(self.inserted, self.capacity)
+
+
+def held_out_init(capacity: int, example_row: Any) -> HeldOutBuffer:
+    if capacity < 1:
+        raise ValueError(f"held-out capacity must be at least 1, got {capacity}")
+    data = jax.tree.map(lambda x: jnp.zeros((capacity, *jnp.shape(x)), jnp.asarray(x).dtype), example_row)
+    return HeldOutBuffer(data=data, inserted=jnp.zeros((), jnp.int32))
+
+
+def held_out_add(buf: HeldOutBuffer, row: Any, valid) -> HeldOutBuffer:
+    slot = buf.inserted % buf.capacity
+    data = jax.tree.map(lambda d, x: d.at[slot].set(jnp.where(valid, x, d[slot])), buf.data, row)
+    return HeldOutBuffer(data=data, inserted=buf.inserted + jnp.asarray(valid, jnp.int32))
+
+
+def held_out_sample(buf: HeldOutBuffer, key: jax.Array, shape: tuple[int, ...]) -> Any:
+    i = jax.random.randint(key, shape, 0, jnp.maximum(buf.size(), 1))
+    return jax.tree.map(lambda d: d[i], buf.data)
