@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs_mjx.registry import list_tasks, make
+from envs_mjx.registry import list_tasks, make, split_name
 
 
-def mjx_rate(task: str, batch: int, steps: int, action_repeat: int, seed: int = 0) -> dict:
-    env = make(task, action_repeat=action_repeat)
+def mjx_rates(tasks: list[str], batch: int, steps: int, action_repeat: int, seed: int = 0) -> list[dict]:
+    """Rates of tasks of one domain: compiled once (task parameters are data), measured per task."""
+    env = make(tasks[0], action_repeat=action_repeat)
 
-    def rollout(key):
-        states = jax.vmap(env.reset)(jax.random.split(key, batch))
+    def rollout(key, params):
+        states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, batch), params)
 
         def body(states, k):
             actions = jax.random.uniform(k, (batch, env.action_size), minval=-1, maxval=1)
@@ -36,16 +37,19 @@ def mjx_rate(task: str, batch: int, steps: int, action_repeat: int, seed: int = 
 
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    compiled = jax.jit(rollout).lower(key).compile()
+    compiled = jax.jit(rollout).lower(key, env.params).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(key))  # warm
-    t0 = time.perf_counter()
-    rewards = jax.block_until_ready(compiled(jax.random.fold_in(key, 1)))
-    run_s = time.perf_counter() - t0
-    finite = bool(np.all(np.isfinite(np.asarray(rewards))))
-    return {"task": task, "batch": batch, "steps": steps, "action_repeat": action_repeat,
-            "compile_s": round(compile_s, 2), "agent_steps_per_s": round(batch * steps / run_s, 1),
-            "rewards_finite": finite}
+    rows = []
+    for task in tasks:
+        params = env.task_params(task.split("-", 1)[1])
+        jax.block_until_ready(compiled(key, params))  # warm
+        t0 = time.perf_counter()
+        rewards = jax.block_until_ready(compiled(jax.random.fold_in(key, 1), params))
+        run_s = time.perf_counter() - t0
+        rows.append({"task": task, "batch": batch, "steps": steps, "action_repeat": action_repeat,
+                     "compile_s": round(compile_s, 2), "agent_steps_per_s": round(batch * steps / run_s, 1),
+                     "rewards_finite": bool(np.all(np.isfinite(np.asarray(rewards))))})
+    return rows
 
 
 def dm_control_rate(task: str, steps: int, action_repeat: int, seed: int = 0) -> dict:

@@ -18,3 +18,15 @@ def apply() -> None:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags
     os.environ.setdefault("MUJOCO_GL", "disable")  # headless: no GLFW display error on import
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Keep compiled XLA programs on disk (default ~/.cache/vecrl/xla, or $VECRL_XLA_CACHE), so a second run
+    of the same program (a resumed run, a rerun, the test suite) skips MJX's tens of seconds of compilation."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    path = path or os.environ.get("VECRL_XLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vecrl", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    return path

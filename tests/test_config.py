@@ -1,0 +1,51 @@
+import glob
+import os
+
+import pytest
+
+from vecrl import config
+from vecrl.config import SpecError
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(config.RUNS_DIR, "*.toml"))))
+def test_every_spec_in_runs_loads(path):
+    spec = config.load_spec(path)
+    assert spec.name == os.path.basename(path)[:-5]
+    assert spec.madtd.vmax == 150.0 * spec.train.action_repeat
+
+
+def test_default_spec_is_the_quickstart():
+    assert config.load_spec().name == "quickstart"
+
+
+def test_overrides_parse_toml_literals():
+    spec = config.load_spec("quickstart", ["train.steps=20000", "madtd.mpc=true", "madtd.model_actions=random",
+                                           "tasks=[\"cartpole-swingup\"]", "seeds=[2, 5]", "madtd.vmax=50"])
+    assert spec.train.steps == 20000 and spec.madtd.mpc and spec.madtd.model_actions == "random"
+    assert spec.tasks == ("cartpole-swingup",) and spec.seeds == (2, 5) and spec.madtd.vmax == 50.0
+
+
+def test_fingerprint_changes_with_any_value():
+    a = config.load_spec("quickstart")
+    assert a.fingerprint() == config.load_spec("quickstart").fingerprint()
+    assert a.fingerprint() != config.load_spec("quickstart", ["madtd.alpha=0.1"]).fingerprint()
+
+
+def test_domains_grouping():
+    spec = config.load_spec("madtd-hard")
+    assert list(spec.domains()) == ["humanoid", "dog"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps", "key=value"), ("bogus=1", "unknown key"), ("madtd.mpc=3", "true or false"),
+    ("madtd.model_actions=uniform", "one of"), ("seeds=[1, 1]", "distinct"), ("train=3", "table"),
+    ("train.action_repeat=3", "divide"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(SpecError, match=message):
+        config.load_spec("quickstart", [override])
+
+
+def test_unknown_spec_name_lists_specs():
+    with pytest.raises(SpecError, match="quickstart"):
+        config.load_spec("quickstar")
