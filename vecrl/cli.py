@@ -1,9 +1,44 @@
-"""The `vecrl` command line."""
+"""The `vecrl` command line: train, resume, tasks."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"\n{summary['name']}: {summary['status']} at step {summary['step']}/{summary['steps']} "
+          f"({summary['wall_time_s']:.0f} s, {summary['device']})")
+    for task, s in summary["tasks"].items():
+        ev, tr = s["final_eval_return_mean"], s["final_train_return_mean"]
+        ev = f"{ev:.1f} +- {s['final_eval_return_std']:.1f}" if ev is not None else "-"
+        tr = f"{tr:.1f}" if tr is not None else "-"
+        flagged = f"  flagged seeds: {s['flagged_seeds']}" if s["flagged_seeds"] else ""
+        print(f"  {task:26s} eval return {ev:>18s}   train return {tr:>8s}{flagged}")
+    print(f"run folder: {summary['run_dir']}")
+
+
+def _exit_code(summary: dict) -> int:
+    return 128 + summary["signal"] if summary.get("signal") else 0
+
+
+def _cmd_train(args) -> int:
+    from vecrl import config, run  # pylint: disable=import-outside-toplevel
+
+    spec = config.load_spec(args.spec, args.set or [])
+    summary = run.train(spec, args.out, progress=not args.no_progress)
+    _print_summary(summary)
+    return _exit_code(summary)
+
+
+def _cmd_resume(args) -> int:
+    from vecrl import config, run  # pylint: disable=import-outside-toplevel
+
+    spec = config.load_spec(args.spec, args.set or []) if (args.spec or args.set) else None
+    summary = run.resume(args.run_dir, progress=not args.no_progress, spec=spec)
+    _print_summary(summary)
+    return _exit_code(summary)
 
 
 def _cmd_tasks(args) -> int:
@@ -14,9 +49,77 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+def _cmd_spec(args) -> int:
+    from vecrl import config  # pylint: disable=import-outside-toplevel
+
+    print(json.dumps(config.load_spec(args.spec, args.set or []).to_dict(), indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from vecrl import bench, config  # pylint: disable=import-outside-toplevel
+
+    spec = config.load_spec(args.spec, args.set or [])
+    bench.run_bench(spec, args.seeds, args.size, args.chunks, args.chunk_steps, args.jsonl)
+    return 0
+
+
+def _cmd_memory(args) -> int:
+    from vecrl import config, run  # pylint: disable=import-outside-toplevel
+    from vecrl.train import DomainProgram  # pylint: disable=import-outside-toplevel
+
+    spec = config.load_spec(args.spec, args.set or [])
+    total = 0
+    for domain, tasks in spec.domains().items():
+        state = DomainProgram(spec, tasks).abstract_state()
+        buffers = run.tree_bytes(state.lanes.buffer) + run.tree_bytes(state.lanes.held_out)
+        n = run.tree_bytes(state)
+        total += n
+        print(f"{domain:10s} {len(spec.seeds)} seeds x {len(tasks)} tasks: {n / 2**30:7.2f} GiB "
+              f"(replay {buffers / 2**30:.2f} GiB, agents {run.tree_bytes(state.lanes.agent) / 2**30:.3f} GiB)")
+    available, what = run.available_memory()
+    print(f"total      {total / 2**30:7.2f} GiB of run state; {available / 2**30:.1f} GiB of {what} available")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vecrl", description="Many-seed model-based off-policy RL on MJX.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a spec (default: the built-in quickstart)")
+    p.add_argument("spec", nargs="?", help="a spec name in runs/ or a path to a .toml file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec key, e.g. train.steps=20000")
+    p.add_argument("--out", help="run folder (default: outputs/<name>-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("spec", nargs="?", help="optional: refuse unless the run was started with this spec")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("spec", help="print a spec fully resolved (defaults and overrides applied)")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_spec)
+
+    p = sub.add_parser("bench", help="trainer throughput vs number of seeds (quickstart and paper network sizes)")
+    p.add_argument("spec", nargs="?", help="spec whose first domain, agent and action repeat are used")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 5, 10, 20])
+    p.add_argument("--size", nargs="+", choices=["quickstart", "paper"], default=["quickstart", "paper"])
+    p.add_argument("--chunks", type=int, default=3, help="timed chunks of updates per measurement")
+    p.add_argument("--chunk-steps", type=int, default=50)
+    p.add_argument("--jsonl", help="append the results to this file")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("memory", help="memory a spec's run state takes, per domain (computed, nothing compiled)")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_memory)
+
     p = sub.add_parser("tasks", help="list the DMC tasks available on MJX")
     p.set_defaults(func=_cmd_tasks)
     return parser
@@ -24,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from envs_mjx.xla_flags import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+    from vecrl.config import SpecError  # pylint: disable=import-outside-toplevel
+    from vecrl.run import RunError  # pylint: disable=import-outside-toplevel
+
+    enable_compilation_cache()
+    try:
+        return args.func(args)
+    except (SpecError, RunError) as e:
+        print(f"vecrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

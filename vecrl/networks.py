@@ -24,13 +24,13 @@ def simnorm(x: jax.Array, group: int = 8) -> jax.Array:
     shape = x.shape
     if shape[-1] % group:
         raise ValueError(f"SimNorm group {group} does not divide feature size {shape[-1]}")
-    return jax.nn.softmax(x.reshape(*shape[:-1], -1, group), axis=-1).reshape(shape)
+    return jax.nn.softmax(x.reshape(*shape[:-1], shape[-1] // group, group), axis=-1).reshape(shape)
 
 
 def simnorm_log(x: jax.Array, group: int = 8) -> jax.Array:
     """Per-group log-softmax (log of `simnorm`)."""
     shape = x.shape
-    return jax.nn.log_softmax(x.reshape(*shape[:-1], -1, group), axis=-1).reshape(shape)
+    return jax.nn.log_softmax(x.reshape(*shape[:-1], shape[-1] // group, group), axis=-1).reshape(shape)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,244 @@
+"""The host loop around the compiled chunks: run folders, metrics, evaluation, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vecrl import config as config_lib
+from vecrl.checkpoint import CheckpointError, Checkpoints
+from vecrl.config import RunSpec, SpecError
+from vecrl.metrics import MetricsWriter, Progress
+from vecrl.train import DomainProgram, DomainState
+
+DEFAULT_OUTPUT_ROOT = "outputs"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ run folder
+def prepare_run_dir(path: str, resume: bool) -> str:
+    path = os.path.abspath(path)
+    if not resume and os.path.exists(path) and os.listdir(path):
+        raise RunError(f"{path} already holds a run; nothing there is overwritten. Continue it with "
+                       f"`vecrl resume {path}` or choose another --out.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f"cannot write to the output folder {path}: {e}") from None
+    return path
+
+
+def default_run_dir(spec: RunSpec) -> str:
+    return os.path.join(DEFAULT_OUTPUT_ROOT, f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# --------------------------------------------------------------------------------------------- memory
+def tree_bytes(tree) -> int:
+    total = 0
+    for x in jax.tree.leaves(tree):
+        itemsize = 8 if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.dtype(x.dtype).itemsize
+        total += int(np.prod(x.shape)) * itemsize
+    return total
+
+
+def available_memory() -> tuple[int, str]:
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind} memory"
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free host memory"
+
+
+def check_memory(programs: dict[str, DomainProgram]) -> dict[str, int]:
+    needed = {d: tree_bytes(p.abstract_state()) for d, p in programs.items()}
+    available, what = available_memory()
+    total = sum(needed.values())
+    # The chunk updates the donated state in place, but the compiled program needs working space besides.
+    if total > 0.8 * available:
+        detail = ", ".join(f"{d}: {b / 2**30:.2f} GiB" for d, b in needed.items())
+        raise RunError(f"the run's state needs {total / 2**30:.2f} GiB ({detail}) but only {available / 2**30:.2f} GiB "
+                       f"of {what} is available: lower the number of seeds, tasks or train.capacity")
+    return needed
+
+
+# ---------------------------------------------------------------------------------------------- run
+class _Stop:
+    """SIGINT/SIGTERM request a clean stop after the current chunk (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, _frame):
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _chunk_records(spec: RunSpec, program: DomainProgram, outputs: dict, start_step: int) -> list[dict]:
+    """Per (seed, task) summaries of one chunk's per-step outputs [K, seed, task]."""
+    k = spec.train.chunk_steps
+    steps = start_step + np.arange(k)
+    updated = steps >= spec.train.warmup_steps
+    records = []
+    for si, seed in enumerate(spec.seeds):
+        for ti, task in enumerate(program.tasks):
+            returns = outputs["return"][:, si, ti]
+            finished = returns[~np.isnan(returns)]
+            rejected = outputs["rejected_update"][:, si, ti]
+            use = updated & ~rejected
+            rec = {"seed": seed, "task": task,
+                   "train_return": float(finished.mean()) if finished.size else None,
+                   "train_episodes": int(finished.size),
+                   "env_nan": bool(outputs["env_nan"][:, si, ti].any()),
+                   "rejected_updates": int(rejected.sum())}
+            for name, values in outputs["metrics"].items():
+                rec[name] = float(values[:, si, ti][use].mean()) if use.any() else None
+            records.append(rec)
+    return records
+
+
+def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = True,
+            stop_after_chunks: int | None = None) -> dict:
+    """Train `spec` in `run_dir` (fresh, or resumed from its last checkpoint). Returns the summary.
+    `stop_after_chunks` interrupts after that many chunks as a signal would (for tests of resume)."""
+    run_dir = prepare_run_dir(run_dir, resume)
+    programs = {d: DomainProgram(spec, tasks) for d, tasks in spec.domains().items()}
+    memory = check_memory(programs)
+    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), spec.train.keep_checkpoints)
+    metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
+    config_path = os.path.join(run_dir, "config.json")
+
+    if resume:
+        step = ckpt.latest_step()
+        if step is None:
+            raise RunError(f"{run_dir} has no complete checkpoint to resume from")
+        abstract = {"domains": {d: p.abstract_state() for d, p in programs.items()}}
+        states = ckpt.restore(step, abstract)["domains"]
+        wall_offset = metrics.truncate_after(step)
+    else:
+        with open(config_path, "w") as f:
+            json.dump({"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+                       "state_bytes": memory, "jax": jax.__version__, "backend": jax.default_backend(),
+                       "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+        states = {d: p.init() for d, p in programs.items()}
+        step, wall_offset = 0, 0.0
+
+    t0 = time.perf_counter()
+    compiled = {}
+    for d, p in programs.items():
+        compiled[d] = (p.chunk.lower(states[d]).compile(), p.evaluate.lower(states[d]).compile())
+    compile_s = time.perf_counter() - t0
+    bar = Progress(spec, step, enabled=progress)
+    bar.note(f"compiled {len(programs)} domain program(s) in {compile_s:.1f} s; run folder {run_dir}")
+    stop, chunks_done, latest_eval = _Stop(), 0, {}
+    status = "complete"
+    with stop.installed():
+        while step < spec.train.steps:
+            t_chunk = time.perf_counter()
+            records = []
+            for d, p in programs.items():
+                states[d], outputs = compiled[d][0](states[d])
+                recs = _chunk_records(spec, p, jax.device_get(outputs), step)
+                records.extend(recs)
+            step += spec.train.chunk_steps
+            evaluate = (spec.train.eval_every and step % spec.train.eval_every == 0) or step == spec.train.steps
+            if evaluate:
+                for d, p in programs.items():
+                    returns = np.asarray(compiled[d][1](states[d]))  # [seed, task, episodes]
+                    for si, seed in enumerate(spec.seeds):
+                        for ti, task in enumerate(p.tasks):
+                            latest_eval[(seed, task)] = float(returns[si, ti].mean())
+            dt = time.perf_counter() - t_chunk
+            wall = wall_offset + time.perf_counter() - t0
+            for rec in records:
+                rec.update({"step": step, "frames": step * spec.train.action_repeat,
+                            "eval_return": latest_eval[(rec["seed"], rec["task"])] if evaluate else None,
+                            "steps_per_s": spec.train.chunk_steps / dt, "wall_time": wall})
+            metrics.write(records)
+            bar.update(spec.train.chunk_steps, records, dt)
+            chunks_done += 1
+            interrupted = stop.signal is not None or (stop_after_chunks is not None and chunks_done >= stop_after_chunks)
+            due = spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0
+            if due or interrupted or step == spec.train.steps:
+                try:
+                    ckpt.save(step, {"domains": states})
+                except CheckpointError as e:
+                    raise RunError(str(e)) from None
+            if interrupted and step < spec.train.steps:
+                status = "interrupted"
+                bar.note(f"stopped at step {step} (checkpoint saved); continue with `vecrl resume {run_dir}`")
+                break
+    bar.close()
+    ckpt.close()
+    summary = _summary(spec, run_dir, step, status, metrics, compile_s)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    summary["signal"] = stop.signal
+    return summary
+
+
+def _summary(spec: RunSpec, run_dir: str, step: int, status: str, metrics: MetricsWriter, compile_s: float) -> dict:
+    rows = metrics.read()
+    last = {}
+    for r in rows:
+        last[(r["seed"], r["task"])] = r
+    tasks = {}
+    for task in spec.tasks:
+        evals = [r["eval_return"] for (s, t), r in last.items() if t == task and r.get("eval_return") is not None]
+        trains = [r["train_return"] for (s, t), r in last.items() if t == task and r.get("train_return") is not None]
+        flagged = sorted({r["seed"] for r in rows if r["task"] == task and (r["env_nan"] or r["rejected_updates"])})
+        tasks[task] = {"final_eval_return_mean": float(np.mean(evals)) if evals else None,
+                       "final_eval_return_std": float(np.std(evals)) if evals else None,
+                       "final_train_return_mean": float(np.mean(trains)) if trains else None,
+                       "flagged_seeds": flagged}
+    return {"name": spec.name, "status": status, "step": step, "steps": spec.train.steps, "seeds": list(spec.seeds),
+            "tasks": tasks, "wall_time_s": rows[-1]["wall_time"] if rows else 0.0, "compile_s": compile_s,
+            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "run_dir": run_dir}
+
+
+def train(spec: RunSpec, out: str | None = None, progress: bool = True, **kw) -> dict:
+    return execute(spec, out or default_run_dir(spec), resume=False, progress=progress, **kw)
+
+
+def resume(run_dir: str, progress: bool = True, spec: RunSpec | None = None, **kw) -> dict:
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise RunError(f"{run_dir} is not a vecrl run folder (no config.json)")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved_spec = config_lib.spec_from_dict(_spec_dict_for_loading(saved["spec"]))
+    if spec is not None and spec.fingerprint() != saved["fingerprint"]:
+        raise RunError(f"{run_dir} was started with a different spec (fingerprint {saved['fingerprint']}, "
+                       f"given {spec.fingerprint()}); resume it without changes, or start a new run")
+    if saved_spec.fingerprint() != saved["fingerprint"]:
+        raise RunError(f"{run_dir}/config.json does not match its fingerprint: it was edited; refusing to resume")
+    return execute(saved_spec, run_dir, resume=True, progress=progress, **kw)
+
+
+def _spec_dict_for_loading(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+__all__ = ["RunError", "SpecError", "execute", "resume", "train"]
