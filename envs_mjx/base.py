@@ -308,16 +308,17 @@ def randomize_limited_and_rotational_joints(mj_model: mujoco.MjModel, key: jax.A
     normalised U[0, 1]^4 (its documented quirk), their position untouched."""
     keys = jax.random.split(key, max(int(mj_model.njnt), 1))
     for j in range(mj_model.njnt):
-        jtype, adr = mj_model.jnt_type[j], int(mj_model.jnt_qposadr[j])
+        # Compare plain ints: numpy integers never equal mujoco's pybind enum members.
+        jtype, adr = int(mj_model.jnt_type[j]), int(mj_model.jnt_qposadr[j])
         limited = bool(mj_model.jnt_limited[j])
         lo, hi = (float(x) for x in mj_model.jnt_range[j])
         k1, k2 = jax.random.split(keys[j])
-        if jtype in (mujoco.mjtJoint.mjJNT_HINGE, mujoco.mjtJoint.mjJNT_SLIDE):
+        if jtype in (int(mujoco.mjtJoint.mjJNT_HINGE), int(mujoco.mjtJoint.mjJNT_SLIDE)):
             if limited:
                 qpos = qpos.at[adr].set(jax.random.uniform(k1, (), minval=lo, maxval=hi))
-            elif jtype == mujoco.mjtJoint.mjJNT_HINGE:
+            elif jtype == int(mujoco.mjtJoint.mjJNT_HINGE):
                 qpos = qpos.at[adr].set(jax.random.uniform(k1, (), minval=-jnp.pi, maxval=jnp.pi))
-        elif jtype == mujoco.mjtJoint.mjJNT_BALL:
+        elif jtype == int(mujoco.mjtJoint.mjJNT_BALL):
             if limited:
                 axis = jax.random.normal(k1, (3,))
                 axis = axis / jnp.linalg.norm(axis)
@@ -326,7 +327,7 @@ def randomize_limited_and_rotational_joints(mj_model: mujoco.MjModel, key: jax.A
                 quat = jax.random.normal(k1, (4,))
                 quat = quat / jnp.linalg.norm(quat)
             qpos = qpos.at[adr:adr + 4].set(quat)
-        elif jtype == mujoco.mjtJoint.mjJNT_FREE and not limited:
+        elif jtype == int(mujoco.mjtJoint.mjJNT_FREE) and not limited:
             quat = jax.random.uniform(k1, (4,))
             qpos = qpos.at[adr + 3:adr + 7].set(quat / jnp.linalg.norm(quat))
     return qpos

@@ -91,7 +91,8 @@ def sample_states(domain_name: str, tasks: list[str], per_task: int, rollout_ste
     for i in range(rollout_steps):
         actions = jax.random.uniform(jax.random.fold_in(key, i), (len(lanes), env.action_size), minval=-1, maxval=1)
         states = step(states, actions)
-    snapshots.append(states)
+    if rollout_steps:
+        snapshots.append(states)
     return env, step, lanes, snapshots
 
 
