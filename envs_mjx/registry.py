@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 
 from envs_mjx.base import Domain, Env
 
@@ -46,7 +47,19 @@ def split_name(name: str) -> tuple[str, str]:
 def get_domain(domain: str) -> Domain:
     if domain not in DOMAINS:
         raise ValueError(_unknown("domain", domain, DOMAINS))
-    return importlib.import_module(f"envs_mjx.{domain}").DOMAIN
+    try:
+        module = importlib.import_module(f"envs_mjx.{domain}")
+    except ModuleNotFoundError as e:
+        if e.name != f"envs_mjx.{domain}":
+            raise
+        raise NotImplementedError(f"the {domain} domain is not ported to MJX yet; available domains: "
+                                  f"{', '.join(available_domains())}") from None
+    return module.DOMAIN
+
+
+def available_domains() -> list[str]:
+    """Domains whose MJX port is present (all of DOMAINS once the port is complete)."""
+    return [d for d in DOMAINS if importlib.util.find_spec(f"envs_mjx.{d}") is not None]
 
 
 def make(name: str, action_repeat: int = 1) -> Env:
