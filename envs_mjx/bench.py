@@ -14,7 +14,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from envs_mjx.registry import list_tasks, make, split_name

@@ -4,7 +4,6 @@ vmapped step per domain, over all of its tasks at once)."""
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

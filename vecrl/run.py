@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ from vecrl import config as config_lib
 from vecrl.checkpoint import CheckpointError, Checkpoints
 from vecrl.config import RunSpec, SpecError
 from vecrl.metrics import MetricsWriter, Progress
-from vecrl.train import DomainProgram, DomainState
+from vecrl.train import DomainProgram
 
 DEFAULT_OUTPUT_ROOT = "outputs"
 
