@@ -1,0 +1,103 @@
+"""The fused trainer end to end on a tiny spec: equivalences, resume, faults, bad input."""
+
+import json
+import logging
+import os
+
+import jax
+import pytest
+
+from vecrl import config, run
+from vecrl.config import SpecError
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "tiny", "agent": "madtd", "tasks": ["cartpole-balance"], "seeds": 3,
+    "train": {"steps": 60, "warmup_steps": 20, "chunk_steps": 20, "capacity": 64, "eval_every": 40,
+              "eval_episodes": 1, "checkpoint_every": 20, "action_repeat": 2},
+    "madtd": {"hidden": 16, "model_hidden": 16, "latent": 16, "batch_size": 8, "utd": 2, "alpha": 0.25, "mpc_samples": 8,
+              "mpc_elites": 4},
+}
+TIMING = ("steps_per_s", "wall_time")
+
+
+def tiny(**overrides):
+    raw = json.loads(json.dumps(TINY))
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (raw[section] if section else raw)[name] = value
+    return config.spec_from_dict(raw)
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "full")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        summary = run.train(tiny(), out, progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(handler)
+    return out, summary, records
+
+
+def test_run_completes_with_metrics_summary_and_config(full_run):
+    out, summary, _ = full_run
+    assert summary["status"] == "complete" and summary["step"] == 60
+    rows = _rows(out)
+    assert len(rows) == 3 * 3  # chunks x seeds
+    assert {r["seed"] for r in rows} == {0, 1, 2}
+    assert [r["step"] for r in rows[::3]] == [20, 40, 60]
+    assert rows[0]["loss/critic"] is None and rows[-1]["loss/critic"] is not None  # updates start after warm-up
+    assert all(r["eval_return"] is not None for r in rows if r["step"] in (40, 60))
+    for name in ("config.json", "summary.json", "checkpoints"):
+        assert os.path.exists(os.path.join(out, name))
+
+
+def test_each_chunk_function_compiles_once(full_run):
+    _, _, logs = full_run
+    chunk_compiles = [m for m in logs if "Compiling" in m and "_chunk" in m]
+    eval_compiles = [m for m in logs if "Compiling" in m and "_evaluate" in m]
+    assert len(chunk_compiles) == 1, chunk_compiles
+    assert len(eval_compiles) == 1, eval_compiles
+
+
+def test_resume_equals_uninterrupted(full_run, tmp_path):
+    out_full, _, _ = full_run
+    out = str(tmp_path / "resumed")
+    first = run.train(tiny(), out, progress=False, stop_after_chunks=1)
+    assert first["status"] == "interrupted" and first["step"] == 20
+    # A killed, half-written checkpoint must never be picked over the last good one.
+    os.makedirs(os.path.join(out, "checkpoints", "40.orbax-checkpoint-tmp-1234"))
+    resumed = run.resume(out, progress=False)
+    assert resumed["status"] == "complete"
+    assert _rows(out) == _rows(out_full)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"agent": "dreamer"}, "unknown agent"),
+    ({"tasks": ["walker-rn"]}, "walker-run"),
+    ({"train.stepz": 3}, "Did you mean 'steps'"),
+    ({"train.steps": -20}, "train.steps"),
+    ({"train.steps": "many"}, "integer"),
+    ({"madtd.alpha": 1.5}, "alpha"),
+    ({"madtd.batch_size": 512}, "larger than the replay buffer"),
+    ({"seeds": 0}, "seeds"),
+    ({"train.eval_every": 30}, "multiple of train.chunk_steps"),
+])
+def test_bad_spec_fails_before_compiling(change, message):
+    with pytest.raises(SpecError, match=message):
+        tiny(**change)
+
+
