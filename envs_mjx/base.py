@@ -199,8 +199,17 @@ class Env:
         # action_scale wrapper (an affine map), which is the identity where ctrlrange is already [-1, 1].
         self._ctrl_low = np.where(limited, ctrlrange[:, 0], -1.0).astype(np.float32)
         self._ctrl_high = np.where(limited, ctrlrange[:, 1], 1.0).astype(np.float32)
-        obs = jax.eval_shape(self._observation_dict, self._dummy_data(), self._dummy_task_state(), self.params)
-        self.observation_spec = tuple((k, tuple(v.shape)) for k, v in obs.items())
+        # Keys are taken outside jax: a dict returned through a transformation comes back with sorted keys,
+        # not in dm_control's order, which is the flat observation's layout.
+        keys = []
+
+        def observation_values(data, task_state, params):
+            obs = self._observation_dict(data, task_state, params)
+            keys.extend(obs)
+            return list(obs.values())
+
+        shapes = jax.eval_shape(observation_values, self._dummy_data(), self._dummy_task_state(), self.params)
+        self.observation_spec = tuple((k, tuple(v.shape)) for k, v in zip(keys, shapes))
         self.observation_size = int(sum(int(np.prod(s)) for _, s in self.observation_spec))
 
     def __repr__(self):
@@ -370,3 +379,14 @@ def set_option(root: etree._Element, **attrs) -> None:
         option = etree.SubElement(root, "option")
     for k, v in attrs.items():
         option.set(k, str(v))
+
+
+def no_collisions(root: etree._Element) -> None:
+    """For models whose contacts dm_control already disables (`<flag contact="disable"/>` in swimmer,
+    `constraint="disable"` in fish): MJX still builds their geom pairs and refuses to load ellipsoid-box ones.
+    Making every geom non-colliding leaves the dynamics exactly as they are."""
+    if not any("disable" in (f.get("contact"), f.get("constraint")) for f in root.iter("flag")):
+        raise ValueError("no_collisions is only for models whose contacts or constraints are disabled")
+    for geom in root.iter("geom"):
+        geom.set("contype", "0")
+        geom.set("conaffinity", "0")

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs_mjx.base import Env, EnvState
-from envs_mjx.registry import list_tasks, make, split_name
+from envs_mjx.base import Domain, Env, EnvState
+from envs_mjx.registry import get_domain, list_tasks, program_groups, split_name
 
 
 @dataclasses.dataclass
@@ -67,12 +67,22 @@ def copy_state_into(dm_env, env: Env, state: EnvState, lane: int | None = None) 
     return flat_dm_observation(dm_env.task.get_observation(physics))
 
 
+def task_groups(domain_name: str, tasks: list[str] | None = None) -> list[list[str]]:
+    """`tasks` (default: all of the domain's) grouped by the compiled reset and step they share."""
+    return list(program_groups(tasks or list_tasks(domain_name)).values())
+
+
 @functools.lru_cache(maxsize=None)
-def _batched_fns(domain_name: str):
-    """jit(vmap(reset)) and jit(vmap(step)) for a domain, compiled once per batch shape and shared by every
-    task of the domain (tasks differ only in the params carried by the state)."""
-    env = make(list_tasks(domain_name)[0])
+def _batched_fns_of(domain: Domain):
+    env = Env(domain, next(iter(domain.tasks)))
     return env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step))
+
+
+def _batched_fns(domain_name: str, task: str | None = None):
+    """jit(vmap(reset)) and jit(vmap(step)) for the Domain serving `task` (default: the domain's first task),
+    compiled once per batch shape and shared by every task of that Domain (tasks differ only in the params
+    carried by the state)."""
+    return _batched_fns_of(get_domain(*split_name(task or list_tasks(domain_name)[0])))
 
 
 def _stack(trees):
@@ -82,7 +92,9 @@ def _stack(trees):
 def sample_states(domain_name: str, tasks: list[str], per_task: int, rollout_steps: int, seed: int = 0):
     """States of each task: fresh resets, then the same lanes after `rollout_steps` random actions (so that
     moving, contact-rich states are covered). Returns (env, step_fn, [(task, states), ...])."""
-    env, reset, step = _batched_fns(domain_name)
+    if len(task_groups(domain_name, tasks)) > 1:
+        raise ValueError(f"{tasks} are served by different Domains; sample each of parity.task_groups apart")
+    env, reset, step = _batched_fns(domain_name, tasks[0])
     lanes = [t for t in tasks for _ in range(per_task)]
     params = _stack([env.task_params(split_name(t)[1]) for t in lanes])
     key = jax.random.key(seed)
@@ -98,7 +110,10 @@ def sample_states(domain_name: str, tasks: list[str], per_task: int, rollout_ste
 
 def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, rollout_steps: int = 20,
                     seed: int = 0) -> list[ParityResult]:
-    tasks = tasks or list_tasks(domain_name)
+    groups = task_groups(domain_name, tasks)
+    if len(groups) > 1:
+        return [r for g in groups for r in one_step_parity(domain_name, g, per_task, rollout_steps, seed)]
+    tasks = groups[0]
     env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, rollout_steps, seed)
     rng = np.random.default_rng(seed)
     errs = {t: [0.0, 0.0, 0.0, 0] for t in tasks}
@@ -124,7 +139,10 @@ def trajectory_divergence(domain_name: str, tasks: list[str] | None = None, per_
     """Same start, same random actions, `steps` control steps in both simulators, for `per_task` episodes of
     each task (the lanes of `one_step_parity`, so the compiled functions are shared). Figures are the worst
     lane's."""
-    tasks = tasks or list_tasks(domain_name)
+    groups = task_groups(domain_name, tasks)
+    if len(groups) > 1:
+        return [r for g in groups for r in trajectory_divergence(domain_name, g, per_task, steps, seed)]
+    tasks = groups[0]
     env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, 0, seed)
     states = snapshots[0]
     dm_envs = []

@@ -14,9 +14,7 @@ from envs_mjx.rewards import tolerance
 def initialize(mj_model, mjx_model, key, params):
     # dm_control: randomize_limited_and_rotational_joints (the unlimited shoulder hinge ~ U[-pi, pi], the
     # limited wrist ~ U over its range of +-160 degrees; qvel stays zero), then the target at angle
-    # ~ U[0, 2pi), radius ~ U[.05, .20]: x = r sin(angle), y = r cos(angle). Drawn here directly rather than
-    # with base.randomize_limited_and_rotational_joints, whose `jnt_type in (HINGE, SLIDE)` test is False for
-    # numpy ints (pybind enum equality), so it leaves every hinge at 0.
+    # ~ U[0, 2pi), radius ~ U[.05, .20]: x = r sin(angle), y = r cos(angle).
     k_shoulder, k_wrist, k_angle, k_radius = jax.random.split(key, 4)
     wrist_lo, wrist_hi = (float(x) for x in mj_model.joint("wrist").range)
     qpos = jnp.zeros(mj_model.nq)

@@ -44,7 +44,9 @@ def split_name(name: str) -> tuple[str, str]:
     return domain, task
 
 
-def get_domain(domain: str) -> Domain:
+def get_domain(domain: str, task: str | None = None) -> Domain:
+    """The Domain serving `domain`'s tasks; where a module splits its tasks over several Domains (their
+    observation keys differ, as finger's spin and turn), the one serving `task` (its `DOMAINS_BY_TASK`)."""
     if domain not in DOMAINS:
         raise ValueError(_unknown("domain", domain, DOMAINS))
     try:
@@ -54,7 +56,24 @@ def get_domain(domain: str) -> Domain:
             raise
         raise NotImplementedError(f"the {domain} domain is not ported to MJX yet; available domains: "
                                   f"{', '.join(available_domains())}") from None
-    return module.DOMAIN
+    return getattr(module, "DOMAINS_BY_TASK", {}).get(task, module.DOMAIN)
+
+
+def program_groups(tasks) -> dict[str, list[str]]:
+    """`tasks` grouped by the compiled model and step they can share (one vmapped program each): one group
+    per domain, named after it, except where a domain splits its tasks over several Domains (finger: spin
+    and turn observe different keys), whose further groups are named `domain-<first task>`."""
+    groups: dict[str, list[str]] = {}
+    for name in tasks:
+        domain, task = split_name(name)
+        try:
+            served_by = get_domain(domain, task)
+        except NotImplementedError:  # not ported: `make` will say so
+            groups.setdefault(domain, []).append(name)
+            continue
+        key = domain if served_by is get_domain(domain) else f"{domain}-{next(iter(served_by.tasks))}"
+        groups.setdefault(key, []).append(name)
+    return groups
 
 
 def available_domains() -> list[str]:
@@ -66,4 +85,4 @@ def make(name: str, action_repeat: int = 1) -> Env:
     """The named task as an `Env` (see `envs_mjx.base.Env`). Envs of one domain share their compiled model,
     so their `reset`/`step` can be vmapped over tasks: reset each lane with `env.task_params(task)`."""
     domain, task = split_name(name)
-    return Env(get_domain(domain), task, action_repeat=action_repeat)
+    return Env(get_domain(domain, task), task, action_repeat=action_repeat)

@@ -34,15 +34,66 @@ def assert_divergence_bounded(domain: str, mean_reward_tol: float, **kw):
             f"(returns: mjx {r.return_mjx:.2f}, dm_control {r.return_dm:.2f})")
 
 
-def assert_nan_contained(domain: str):
+def assert_nan_contained(domain: str, per_task: int = 2):
     """A non-finite physics state is flagged, keeps the last finite data, and zeroes obs and reward."""
-    # Same lanes as the parity checks, so no new compilation.
-    env, step, _, (states,) = parity.sample_states(domain, parity.list_tasks(domain), 2, 0)
-    n = states.obs.shape[0]
-    bad = states.replace(data=states.data.replace(qvel=states.data.qvel.at[0].set(jnp.nan)))
-    out = step(bad, jnp.zeros((n, env.action_size)))
-    assert bool(out.nan[0]) and not bool(out.nan[1])
-    assert np.all(np.asarray(out.obs[0]) == 0) and float(out.reward[0]) == 0
-    assert np.all(np.isfinite(np.asarray(out.obs))) and np.all(np.isfinite(np.asarray(out.reward)))
-    again = step(out, jnp.zeros((n, env.action_size)))
-    assert bool(again.nan[0]), "the NaN flag must stay set until reset"
+    # Same lanes as the parity checks (pass their per_task), so no new compilation.
+    for tasks in parity.task_groups(domain):
+        env, step, _, snapshots = parity.sample_states(domain, tasks, per_task, 0)
+        states = snapshots[0]
+        n = states.obs.shape[0]
+        bad = states.replace(data=states.data.replace(qvel=states.data.qvel.at[0].set(jnp.nan)))
+        out = step(bad, jnp.zeros((n, env.action_size)))
+        assert bool(out.nan[0]) and not bool(out.nan[1])
+        assert np.all(np.asarray(out.obs[0]) == 0) and float(out.reward[0]) == 0
+        assert np.all(np.isfinite(np.asarray(out.obs))) and np.all(np.isfinite(np.asarray(out.reward)))
+        again = step(out, jnp.zeros((n, env.action_size)))
+        assert bool(again.nan[0]), "the NaN flag must stay set until reset"
+
+
+def ks_statistic(a, b) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic D (the critical value at the 0.1% level for n + n draws is
+    about 1.95 * sqrt(2 / n): 0.062 for 2000 + 2000)."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
+                               - np.searchsorted(b, grid, side="right") / len(b))))
+
+
+def reset_qpos(domain: str, per_task: int, n_batches: int, seed: int = 1000) -> np.ndarray:
+    """qpos of n_batches x (per_task x tasks) fresh resets through the domain's compiled parity batch (no new
+    compilation when per_task is the parity checks'); every reset must start at rest."""
+    out = []
+    for i in range(n_batches):
+        _, _, _, (states, *_) = parity.sample_states(domain, parity.list_tasks(domain), per_task, 0, seed=seed + i)
+        out.append(np.asarray(states.data.qpos))
+        assert np.all(np.asarray(states.data.qvel) == 0)
+    return np.concatenate(out)
+
+
+def dm_control_reset_qpos(task: str, n: int, seed: int = 0) -> tuple[np.ndarray, object]:
+    """qpos after each of n dm_control resets of `task`, and dm_control's model."""
+    dm_env = parity.load_dm_control(task, seed=seed)
+    qpos = []
+    for _ in range(n):
+        dm_env.reset()
+        qpos.append(dm_env.physics.data.qpos.copy())
+    return np.asarray(qpos), dm_env.physics.model
+
+
+def assert_randomized_joints_match(mjx_q: np.ndarray, dm_q: np.ndarray, model, fixed_joints: tuple[str, ...]):
+    """dm_control's randomize_limited_and_rotational_joints on a planar model: `fixed_joints` (the root slides)
+    stay at 0, limited joints are uniform in their range and unlimited hinges uniform in [-pi, pi]; means and
+    spreads agree with dm_control's own draws (and with the uniform law) within sampling error."""
+    fixed = [model.name2id(j, "joint") for j in fixed_joints]
+    assert np.all(mjx_q[:, fixed] == 0) and np.all(dm_q[:, fixed] == 0)
+    for j in range(model.njnt):
+        if j in fixed:
+            continue
+        lo, hi = model.jnt_range[j] if model.jnt_limited[j] else (-np.pi, np.pi)
+        q, name = mjx_q[:, model.jnt_qposadr[j]], model.id2name(j, "joint")
+        assert np.all((q >= lo - 1e-6) & (q <= hi + 1e-6)), name
+        sd = (hi - lo) / np.sqrt(12)
+        se = sd * np.sqrt(2 / len(q))
+        assert abs(q.mean() - dm_q[:, model.jnt_qposadr[j]].mean()) < 4 * se, name
+        assert abs(q.std() - dm_q[:, model.jnt_qposadr[j]].std()) < 0.2 * sd, name
+        assert abs(q.std() - sd) < 0.15 * sd, name

@@ -36,13 +36,6 @@ def _initial_state(n: int, seed: int = 1):
     return np.asarray(data.qpos), np.asarray(data.qvel)
 
 
-def _ks_statistic(a, b):
-    a, b = np.sort(a), np.sort(b)
-    grid = np.concatenate([a, b])
-    return np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
-                         - np.searchsorted(b, grid, side="right") / len(b)))
-
-
 def test_initial_state_distribution():
     qpos, qvel = _initial_state(N_DRAWS)
     dm_env = parity.load_dm_control(TASK, seed=0)
@@ -56,7 +49,7 @@ def test_initial_state_distribution():
     assert np.all(qvel == 0)
     # Two-sample KS statistic per joint; 0.062 is the 0.1% critical value for 2000 + 2000 draws.
     for j in range(2):
-        assert _ks_statistic(qpos[:, j], dm_qpos[:, j]) < 0.062, j
+        assert envtest.ks_statistic(qpos[:, j], dm_qpos[:, j]) < 0.062, j
     # The two joints are drawn independently in both.
     assert abs(np.corrcoef(qpos.T)[0, 1]) < 0.08
     assert qpos.min() >= -np.pi and qpos.max() <= np.pi

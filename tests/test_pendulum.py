@@ -38,13 +38,6 @@ def _initial_qpos(n: int, seed: int = 1):
     return jax.random.split(jax.random.key(seed), n), np.asarray(data.qpos), np.asarray(data.qvel)
 
 
-def _ks_statistic(a, b):
-    a, b = np.sort(a), np.sort(b)
-    grid = np.concatenate([a, b])
-    return np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
-                         - np.searchsorted(b, grid, side="right") / len(b)))
-
-
 def test_initial_state_distribution():
     _, qpos, qvel = _initial_qpos(N_DRAWS)
     dm_env = parity.load_dm_control(TASK, seed=0)
@@ -56,7 +49,7 @@ def test_initial_state_distribution():
         assert np.all(dm_env.physics.data.qvel == 0)
     assert np.all(qvel == 0)
     # Two-sample KS statistic; 0.062 is the 0.1% critical value for 2000 + 2000 draws.
-    assert _ks_statistic(qpos[:, 0], np.asarray(dm_qpos)[:, 0]) < 0.062
+    assert envtest.ks_statistic(qpos[:, 0], np.asarray(dm_qpos)[:, 0]) < 0.062
     assert qpos.min() >= -np.pi and qpos.max() <= np.pi
 
 

@@ -44,13 +44,6 @@ def _initial_state(n: int, seed: int = 1):
     return keys, np.asarray(data.qpos), np.asarray(data.qvel)
 
 
-def _ks_statistic(a, b):
-    a, b = np.sort(a), np.sort(b)
-    grid = np.concatenate([a, b])
-    return np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
-                         - np.searchsorted(b, grid, side="right") / len(b)))
-
-
 def test_initial_state_distribution():
     _, qpos, qvel = _initial_state(N_DRAWS)
     dm_env = parity.load_dm_control(TASK, seed=0)
@@ -65,7 +58,7 @@ def test_initial_state_distribution():
     # Both slides uniform in their range [-.29, .29], independently.
     for j in range(2):
         # Two-sample KS statistic; 0.062 is the 0.1% critical value for 2000 + 2000 draws.
-        assert _ks_statistic(qpos[:, j], dm_qpos[:, j]) < 0.062, j
+        assert envtest.ks_statistic(qpos[:, j], dm_qpos[:, j]) < 0.062, j
     assert abs(np.corrcoef(qpos.T)[0, 1]) < 0.08
     assert qpos.min() >= -0.29 and qpos.max() <= 0.29
 

@@ -50,13 +50,6 @@ def _finger_xy(qpos):
     return 0.12 * np.stack([np.cos(s) + np.cos(w), np.sin(s) + np.sin(w)], axis=1)
 
 
-def _ks_statistic(a, b):
-    a, b = np.sort(a), np.sort(b)
-    grid = np.concatenate([a, b])
-    return np.max(np.abs(np.searchsorted(a, grid, side="right") / len(a)
-                         - np.searchsorted(b, grid, side="right") / len(b)))
-
-
 def test_initial_state_and_target_distribution():
     _, qpos, qvel, target = _initial_state(N_DRAWS)
     dm_env = parity.load_dm_control(TASKS[0], seed=0)
@@ -70,11 +63,11 @@ def test_initial_state_and_target_distribution():
     dm_qpos, dm_target = np.asarray(dm_qpos), np.asarray(dm_target)
     assert np.all(qvel == 0)
     for j in range(2):  # shoulder U[-pi, pi], wrist U[-160deg, 160deg]
-        assert _ks_statistic(qpos[:, j], dm_qpos[:, j]) < KS_CRITICAL, j
+        assert envtest.ks_statistic(qpos[:, j], dm_qpos[:, j]) < KS_CRITICAL, j
     for j in range(2):  # target x, y
-        assert _ks_statistic(target[:, j], dm_target[:, j]) < KS_CRITICAL, j
-    assert _ks_statistic(np.linalg.norm(target, axis=1), np.linalg.norm(dm_target[:, :2], axis=1)) < KS_CRITICAL
-    assert _ks_statistic(np.arctan2(target[:, 0], target[:, 1]),
+        assert envtest.ks_statistic(target[:, j], dm_target[:, j]) < KS_CRITICAL, j
+    assert envtest.ks_statistic(np.linalg.norm(target, axis=1), np.linalg.norm(dm_target[:, :2], axis=1)) < KS_CRITICAL
+    assert envtest.ks_statistic(np.arctan2(target[:, 0], target[:, 1]),
                          np.arctan2(dm_target[:, 0], dm_target[:, 1])) < KS_CRITICAL
     assert np.abs(qpos[:, 1]).max() <= np.deg2rad(160) + 1e-6
     # The kinematics used below to pick near-target starts agree with dm_control's.

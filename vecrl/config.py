@@ -89,11 +89,11 @@ class RunSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def domains(self) -> dict[str, list[str]]:
-        """Tasks grouped by domain: one compiled program per domain."""
-        out: dict[str, list[str]] = {}
-        for t in self.tasks:
-            out.setdefault(t.split("-")[0], []).append(t)
-        return out
+        """Tasks grouped by the compiled program they share: one per domain (finger's spin and turn, whose
+        observations differ, form two)."""
+        from envs_mjx.registry import program_groups  # pylint: disable=import-outside-toplevel
+
+        return program_groups(self.tasks)
 
 
 # ---------------------------------------------------------------------------------------------- loading
