@@ -16,11 +16,12 @@ import time
 import jax
 import numpy as np
 
-from envs_mjx.registry import list_tasks, make, split_name
+from envs_mjx.registry import list_tasks, make, program_groups
 
 
 def mjx_rates(tasks: list[str], batch: int, steps: int, action_repeat: int, seed: int = 0) -> list[dict]:
-    """Rates of tasks of one domain: compiled once (task parameters are data), measured per task."""
+    """Rates of tasks sharing one program (a domain's): compiled once (task parameters are data), measured per
+    task."""
     env = make(tasks[0], action_repeat=action_repeat)
 
     def rollout(key, params):
@@ -80,10 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--jsonl", help="append results to this file")
     args = parser.parse_args(argv)
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
-    by_domain: dict[str, list[str]] = {}
-    for task in args.tasks or list_tasks():
-        by_domain.setdefault(split_name(task)[0], []).append(task)
-    for tasks in by_domain.values():
+    for tasks in program_groups(args.tasks or list_tasks()).values():
         rows = [dm_control_rate(task, args.dm_control_steps, args.action_repeat) for task in tasks]
         for b in args.batch:
             rows += mjx_rates(tasks, b, args.steps, args.action_repeat)
