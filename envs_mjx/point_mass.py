@@ -1,6 +1,5 @@
 """Point mass: drive a planar point mass to the target at the origin (dm_control `suite/point_mass.py`)."""
 
-import jax
 import jax.numpy as jnp
 from dm_control.suite import point_mass as dm_point_mass
 from mujoco import mjx
@@ -10,15 +9,9 @@ from envs_mjx.rewards import tolerance
 
 
 def initialize(mj_model, mjx_model, key, params):
-    # dm_control: randomize_limited_and_rotational_joints, which for this model (two limited slides, nothing
-    # else) draws each slide uniformly in its range [-.29, .29]; qvel stays zero. Drawn here directly rather
-    # than with base.randomize_limited_and_rotational_joints, whose `jnt_type in (HINGE, SLIDE)` test is False
-    # for numpy ints (pybind enum equality), so it leaves every hinge and slide at 0.
-    # (`hard`'s gain randomisation is not ported: only `easy` is provided.)
-    idx = [base.qpos_index(mj_model, j) for j in ("root_x", "root_y")]
-    lo = jnp.array([mj_model.joint(j).range[0] for j in ("root_x", "root_y")])
-    hi = jnp.array([mj_model.joint(j).range[1] for j in ("root_x", "root_y")])
-    qpos = jnp.zeros(mj_model.nq).at[jnp.array(idx)].set(jax.random.uniform(key, (2,), minval=lo, maxval=hi))
+    # dm_control: randomize_limited_and_rotational_joints (the two limited slides uniform in [-.29, .29]); qvel
+    # stays zero. (`hard`'s gain randomisation is not ported: only `easy` is provided.)
+    qpos = base.randomize_limited_and_rotational_joints(mj_model, key, jnp.zeros(mj_model.nq))
     return mjx.make_data(mjx_model).replace(qpos=qpos), {}
 
 

@@ -15,13 +15,8 @@ def initialize(mj_model, mjx_model, key, params):
     # dm_control: randomize_limited_and_rotational_joints (the unlimited shoulder hinge ~ U[-pi, pi], the
     # limited wrist ~ U over its range of +-160 degrees; qvel stays zero), then the target at angle
     # ~ U[0, 2pi), radius ~ U[.05, .20]: x = r sin(angle), y = r cos(angle).
-    k_shoulder, k_wrist, k_angle, k_radius = jax.random.split(key, 4)
-    wrist_lo, wrist_hi = (float(x) for x in mj_model.joint("wrist").range)
-    qpos = jnp.zeros(mj_model.nq)
-    qpos = qpos.at[base.qpos_index(mj_model, "shoulder")].set(
-        jax.random.uniform(k_shoulder, (), minval=-jnp.pi, maxval=jnp.pi))
-    qpos = qpos.at[base.qpos_index(mj_model, "wrist")].set(
-        jax.random.uniform(k_wrist, (), minval=wrist_lo, maxval=wrist_hi))
+    k_joints, k_angle, k_radius = jax.random.split(key, 3)
+    qpos = base.randomize_limited_and_rotational_joints(mj_model, k_joints, jnp.zeros(mj_model.nq))
     angle = jax.random.uniform(k_angle, (), minval=0.0, maxval=2 * jnp.pi)
     radius = jax.random.uniform(k_radius, (), minval=0.05, maxval=0.20)
     target = jnp.stack([radius * jnp.sin(angle), radius * jnp.cos(angle)])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import envs_mjx
 from envs_mjx import parity
 from tests import envtest
 
@@ -37,7 +38,7 @@ def test_nan_is_contained():
 def _initial_state(n: int, seed: int = 1):
     """keys, qpos, qvel, targets of `n` fresh episodes from the domain's `initialize` (cheap to compile: no
     forward pass)."""
-    env = parity.make(TASKS[0])
+    env = envs_mjx.make(TASKS[0])
     init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)))
     keys = jax.random.split(jax.random.key(seed), n)
     data, task_state = init(keys)
