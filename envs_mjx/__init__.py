@@ -17,6 +17,6 @@ with _contextlib.redirect_stdout(_io.StringIO()):
     from mujoco import mjx as _mjx  # noqa: E402,F401
 
 from envs_mjx.base import Env, EnvState  # noqa: E402
-from envs_mjx.registry import DOMAINS, TASKS, list_tasks, make  # noqa: E402
+from envs_mjx.registry import DOMAINS, TASKS, available_domains, list_tasks, make  # noqa: E402
 
-__all__ = ["DOMAINS", "Env", "EnvState", "TASKS", "list_tasks", "make"]
+__all__ = ["DOMAINS", "Env", "EnvState", "TASKS", "available_domains", "list_tasks", "make"]

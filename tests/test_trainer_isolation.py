@@ -53,6 +53,13 @@ def test_nan_in_one_seed_is_contained():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_unported_task_fails_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(run.envs_mjx, "available_domains", lambda: ["acrobot"])
+    with pytest.raises(run.RunError, match="cartpole-balance: not ported"):
+        run.train(tiny(), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_folder_and_memory_errors_before_compiling(tmp_path):
     out_full = tmp_path / "existing"
     out_full.mkdir()

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 
+import envs_mjx
 from vecrl import config as config_lib
 from vecrl.checkpoint import CheckpointError, Checkpoints
 from vecrl.config import RunSpec, SpecError
@@ -121,6 +122,11 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
             stop_after_chunks: int | None = None) -> dict:
     """Train `spec` in `run_dir` (fresh, or resumed from its last checkpoint). Returns the summary.
     `stop_after_chunks` interrupts after that many chunks as a signal would (for tests of resume)."""
+    available = envs_mjx.available_domains()
+    unported = [t for t in spec.tasks if t.split("-")[0] not in available]
+    if unported:
+        raise RunError(f"{', '.join(unported)}: not ported to MJX yet (see envs_mjx/README.md); available domains: "
+                       f"{', '.join(available)}")
     run_dir = prepare_run_dir(run_dir, resume)
     programs = {d: DomainProgram(spec, tasks) for d, tasks in spec.domains().items()}
     memory = check_memory(programs)
