@@ -18,9 +18,9 @@ from vecrl.config import RunSpec, TrainConfig, validate
 from vecrl.train import DomainProgram
 
 SIZES = {
-    # (hidden, model_hidden, latent, batch_size, utd): the quickstart's networks, and the paper's.
-    "quickstart": dict(hidden=64, model_hidden=64, latent=64, batch_size=128, utd=1),
-    "paper": dict(hidden=512, model_hidden=512, latent=512, batch_size=512, utd=8),
+    # The quickstart's networks and update sizes, and the paper's.
+    "quickstart": dict(hidden=64, model_hidden=64, latent=64, batch_size=64, num_bins=51, utd=1),
+    "paper": dict(hidden=512, model_hidden=512, latent=512, batch_size=512, num_bins=151, utd=8),
 }
 
 
