@@ -34,6 +34,9 @@ def test_fingerprint_changes_with_any_value():
 def test_domains_grouping():
     spec = config.load_spec("madtd-hard")
     assert list(spec.domains()) == ["humanoid", "dog"]
+    # finger's spin and turn observe different keys: two programs, turn_easy and turn_hard sharing one.
+    spec = config.load_spec("quickstart", ['tasks=["finger-turn_hard", "finger-spin", "finger-turn_easy"]'])
+    assert spec.domains() == {"finger-turn_easy": ["finger-turn_hard", "finger-turn_easy"], "finger": ["finger-spin"]}
 
 
 @pytest.mark.parametrize("override,message", [
