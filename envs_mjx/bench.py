@@ -1,7 +1,8 @@
 """Throughput of envs_mjx tasks: agent steps/s under vmap at several batch sizes, compile time, and
 dm_control's own single-environment CPU rate for comparison.
 
-    python -m envs_mjx.bench walker-run humanoid-run --batch 1 10 100 --steps 50 --action-repeat 2
+    python -m envs_mjx.bench walker-run humanoid-run --batch 1 10 100 --steps 50 --action-repeat 2 --jsonl out.jsonl
+    python -m envs_mjx.bench --markdown out.jsonl      # the table, one line per task
 
 Agent steps/s counts environment steps summed over the batch (one agent step = `action_repeat` control
 steps). Steps run inside one jitted `lax.scan` (as in the trainer), with uniform random actions.
@@ -71,6 +72,22 @@ def dm_control_rate(task: str, steps: int, action_repeat: int, seed: int = 0) ->
             "dm_control_agent_steps_per_s": round(steps / (time.perf_counter() - t0), 1)}
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per task: dm_control's rate, then compile time and MJX agent steps/s at each batch size."""
+    batches = sorted({r["batch"] for r in rows if "batch" in r})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    head = ["task", "dm_control, 1 env"] + [f"MJX batch {b} (compile s)" for b in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in tasks:
+        dm = [r for r in rows if r["task"] == task and "dm_control_agent_steps_per_s" in r]
+        cells = [task, f"{dm[0]['dm_control_agent_steps_per_s']:,.0f}" if dm else ""]
+        for b in batches:
+            m = [r for r in rows if r["task"] == task and r.get("batch") == b]
+            cells.append(f"{m[0]['agent_steps_per_s']:,.0f} ({m[0]['compile_s']:.0f})" if m else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tasks", nargs="*", help="task names (default: all)")
@@ -79,7 +96,12 @@ def main(argv=None) -> None:
     parser.add_argument("--action-repeat", type=int, default=2)
     parser.add_argument("--dm-control-steps", type=int, default=500)
     parser.add_argument("--jsonl", help="append results to this file")
+    parser.add_argument("--markdown", metavar="JSONL", help="print the table of an earlier --jsonl file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table([json.loads(line) for line in f if line.strip()]))
+        return
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
     for tasks in program_groups(args.tasks or list_tasks()).values():
         rows = [dm_control_rate(task, args.dm_control_steps, args.action_repeat) for task in tasks]
