@@ -97,3 +97,11 @@ def assert_randomized_joints_match(mjx_q: np.ndarray, dm_q: np.ndarray, model, f
         assert abs(q.mean() - dm_q[:, model.jnt_qposadr[j]].mean()) < 4 * se, name
         assert abs(q.std() - dm_q[:, model.jnt_qposadr[j]].std()) < 0.2 * sd, name
         assert abs(q.std() - sd) < 0.15 * sd, name
+
+
+def assert_same_mean_and_spread(a, b, name: str):
+    """Two samples of one quantity (MJX's and dm_control's draws): means within 4 standard errors, spreads
+    within 10%."""
+    se = np.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
+    assert abs(a.std() - b.std()) < 0.1 * b.std(), (name, a.std(), b.std())

@@ -31,13 +31,6 @@ def _batch():
     return env, reset, step, jax.tree.map(lambda x: jnp.stack([x, x]), env.params)
 
 
-def _close(a, b, name):
-    """Means within 4 standard errors, spreads within 10%."""
-    se = np.sqrt(a.var() / len(a) + b.var() / len(b))
-    assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
-    assert abs(a.std() - b.std()) < 0.1 * b.std(), (name, a.std(), b.std())
-
-
 def test_initial_state_distribution():
     """Uniformly random orientation, fin/tail angles uniform in +-.2, at rest at (0, 0, .1); the target
     uniform in dm_control's box."""
@@ -57,15 +50,15 @@ def test_initial_state_distribution():
         dm_upright.append(dm_env.physics.named.data.xmat["torso", "zz"])
         dm_targets.append(dm_env.physics.named.model.geom_pos["target"].copy())
     dm_qpos, dm_upright, dm_targets = np.asarray(dm_qpos), np.asarray(dm_upright), np.asarray(dm_targets)
-    _close(upright, dm_upright, "upright")  # uniform on [-1, 1] for a uniform rotation
+    envtest.assert_same_mean_and_spread(upright, dm_upright, "upright")  # uniform on [-1, 1] for a uniform rotation
     for i in range(4):
-        _close(np.abs(qpos[:, 3 + i]), np.abs(dm_qpos[:, 3 + i]), f"|quat[{i}]|")
+        envtest.assert_same_mean_and_spread(np.abs(qpos[:, 3 + i]), np.abs(dm_qpos[:, 3 + i]), f"|quat[{i}]|")
     joints = np.array([env.mj_model.joint(j).qposadr[0] for j in fish.JOINTS])
     assert np.all(np.abs(qpos[:, joints]) <= 0.2)
-    _close(qpos[:, joints].ravel(), dm_qpos[:, joints].ravel(), "joint angles")
+    envtest.assert_same_mean_and_spread(qpos[:, joints].ravel(), dm_qpos[:, joints].ravel(), "joint angles")
     assert np.all(targets >= fish.TARGET_LOW) and np.all(targets <= fish.TARGET_HIGH)
     for i in range(3):
-        _close(targets[:, i], dm_targets[:, i], f"target[{i}]")
+        envtest.assert_same_mean_and_spread(targets[:, i], dm_targets[:, i], f"target[{i}]")
 
 
 def test_mouth_at_the_target():

@@ -31,13 +31,6 @@ def _batch():
     return env, reset, step, jax.tree.map(lambda x: jnp.stack([x, x]), env.params)
 
 
-def _close(a, b, name):
-    """Means within 4 standard errors, spreads within 10%."""
-    se = np.sqrt(a.var() / len(a) + b.var() / len(b))
-    assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
-    assert abs(a.std() - b.std()) < 0.1 * b.std(), (name, a.std(), b.std())
-
-
 def test_initial_state_distribution():
     """Heading uniform on the circle, joint angles uniform in their +-60 degrees, at rest at the origin; the
     target in the +-.3 box with probability .2, else in the +-2 box."""
@@ -56,10 +49,10 @@ def test_initial_state_distribution():
         dm_qpos.append(dm_env.physics.data.qpos.copy())
         dm_targets.append(dm_env.physics.named.model.geom_pos["target"].copy())
     dm_qpos, dm_targets = np.asarray(dm_qpos), np.asarray(dm_targets)
-    _close(qpos[:, 2], dm_qpos[:, 2], "heading")
-    _close(qpos[:, 3:].ravel(), dm_qpos[:, 3:].ravel(), "joint angles")
+    envtest.assert_same_mean_and_spread(qpos[:, 2], dm_qpos[:, 2], "heading")
+    envtest.assert_same_mean_and_spread(qpos[:, 3:].ravel(), dm_qpos[:, 3:].ravel(), "joint angles")
     for i in range(2):
-        _close(targets[:, i], dm_targets[:, i], f"target[{i}]")
+        envtest.assert_same_mean_and_spread(targets[:, i], dm_targets[:, i], f"target[{i}]")
     # The close-target mixture: P(|x|, |y| <= .3) = .2 + .8 * .15**2 = .218.
     close, dm_close = (np.mean(np.all(np.abs(t[:, :2]) <= 0.3, axis=1)) for t in (targets, dm_targets))
     se = np.sqrt(0.218 * 0.782 * (1 / len(targets) + 1 / len(dm_targets)))
