@@ -4,9 +4,11 @@ vmapped step per domain, over all of its tasks at once)."""
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+import envs_mjx
 from envs_mjx import parity
 
 
@@ -105,3 +107,14 @@ def assert_same_mean_and_spread(a, b, name: str):
     se = np.sqrt(a.var() / len(a) + b.var() / len(b))
     assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
     assert abs(a.std() - b.std()) < 0.1 * b.std(), (name, a.std(), b.std())
+
+
+@functools.lru_cache(maxsize=None)
+def initial_draws(task: str, n: int, seed: int = 1):
+    """keys, data and task_state of `n` fresh episodes from the task's `initialize` (no forward pass, so cheap to
+    compile), for checking the initial-state distribution against dm_control's."""
+    env = envs_mjx.make(task)
+    init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)))
+    keys = jax.random.split(jax.random.key(seed), n)
+    data, task_state = init(keys)
+    return keys, data, task_state

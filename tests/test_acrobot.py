@@ -1,10 +1,8 @@
 import functools
 
-import jax
 import numpy as np
 import pytest
 
-import envs_mjx
 from envs_mjx import parity
 from tests import envtest
 
@@ -31,9 +29,7 @@ def test_nan_is_contained():
 @functools.lru_cache(maxsize=None)
 def _initial_state(n: int, seed: int = 1):
     """qpos, qvel of `n` fresh episodes from the domain's `initialize` (cheap to compile: no forward pass)."""
-    env = envs_mjx.make(TASK)
-    init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)[0]))
-    data = init(jax.random.split(jax.random.key(seed), n))
+    _, data, _ = envtest.initial_draws(TASK, n, seed)
     return np.asarray(data.qpos), np.asarray(data.qvel)
 
 

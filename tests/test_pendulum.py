@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs_mjx
 from envs_mjx import parity
 from tests import envtest
 
@@ -33,10 +32,8 @@ def test_nan_is_contained():
 @functools.lru_cache(maxsize=None)
 def _initial_qpos(n: int, seed: int = 1):
     """qpos of `n` fresh episodes from the domain's `initialize` (cheap to compile: no forward pass)."""
-    env = envs_mjx.make(TASK)
-    init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)[0]))
-    data = init(jax.random.split(jax.random.key(seed), n))
-    return jax.random.split(jax.random.key(seed), n), np.asarray(data.qpos), np.asarray(data.qvel)
+    keys, data, _ = envtest.initial_draws(TASK, n, seed)
+    return keys, np.asarray(data.qpos), np.asarray(data.qvel)
 
 
 def test_initial_state_distribution():

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs_mjx
 from envs_mjx import parity
 from tests import envtest
 
@@ -38,10 +37,7 @@ def test_nan_is_contained():
 @functools.lru_cache(maxsize=None)
 def _initial_state(n: int, seed: int = 1):
     """keys, qpos, qvel of `n` fresh episodes from the domain's `initialize` (cheap to compile: no forward pass)."""
-    env = envs_mjx.make(TASK)
-    init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)[0]))
-    keys = jax.random.split(jax.random.key(seed), n)
-    data = init(keys)
+    keys, data, _ = envtest.initial_draws(TASK, n, seed)
     return keys, np.asarray(data.qpos), np.asarray(data.qvel)
 
 

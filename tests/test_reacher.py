@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs_mjx
 from envs_mjx import parity
 from tests import envtest
 
@@ -38,10 +37,7 @@ def test_nan_is_contained():
 def _initial_state(n: int, seed: int = 1):
     """keys, qpos, qvel, targets of `n` fresh episodes from the domain's `initialize` (cheap to compile: no
     forward pass)."""
-    env = envs_mjx.make(TASKS[0])
-    init = jax.jit(jax.vmap(lambda k: env.domain.initialize(env.mj_model, env.mjx_model, k, env.params)))
-    keys = jax.random.split(jax.random.key(seed), n)
-    data, task_state = init(keys)
+    keys, data, task_state = envtest.initial_draws(TASKS[0], n, seed)
     return keys, np.asarray(data.qpos), np.asarray(data.qvel), np.asarray(task_state["target"])
 
 
