@@ -1,10 +1,12 @@
-"""The `vecrl` command line: train, resume, tasks."""
+"""The `vecrl` command line: train, resume, report, bench, memory, spec, tasks."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 
 def _print_summary(summary: dict) -> None:
@@ -82,6 +84,20 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from vecrl import report  # pylint: disable=import-outside-toplevel
+
+    out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1
+                       else os.path.join("outputs", f"report-{time.strftime('%Y%m%d-%H%M%S')}"))
+    try:
+        result = report.make_report(args.run_dirs, out, reps=args.reps)
+    except report.ReportError as e:
+        print(f"vecrl report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {result['report']} ({len(result['figures'])} figures)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vecrl", description="Many-seed model-based off-policy RL on MJX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("report", help="curves, aggregate scores, regret and diagnostics of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (in progress, stopped or complete)")
+    p.add_argument("--out", help="report folder (default: RUN_DIR/report for one run, else outputs/report-<time>)")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap replicates per interval")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("tasks", help="list the DMC tasks available on MJX")
     p.set_defaults(func=_cmd_tasks)

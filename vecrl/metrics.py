@@ -26,19 +26,7 @@ class MetricsWriter:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        rows = []
-        with open(self.path) as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    warnings.warn(f"{self.path}:{n}: malformed metrics line skipped", stacklevel=2)
-        return rows
+        return read_metrics(self.path)
 
     def truncate_after(self, step: int) -> float:
         """Drop records past `step` (written after the checkpoint being resumed); returns the wall time so far."""
@@ -49,6 +37,31 @@ class MetricsWriter:
                 f.write(json.dumps(r, allow_nan=False) + "\n")
         os.replace(tmp, self.path)
         return rows[-1]["wall_time"] if rows else 0.0
+
+
+REQUIRED_KEYS = ("step", "seed", "task")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics file; a line that is not a JSON record with step, seed and task (a line cut short
+    by a kill, an edit) is skipped with a warning naming it, and the valid rest is returned."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or any(k not in row for k in REQUIRED_KEYS):
+                warnings.warn(f"{path}:{n}: malformed metrics line skipped", stacklevel=2)
+                continue
+            rows.append(row)
+    return rows
 
 
 def _mean(values):
