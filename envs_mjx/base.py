@@ -246,7 +246,19 @@ class Env:
         env's task; pass another task's (from `task_params`) to reset into it."""
         params = self.params if params is None else params
         data, task_state = self.domain.initialize(self.mj_model, self.mjx_model, key, params)
-        data = forward_without_actuation(self.mjx_model, data)
+        return self._episode_start(forward_without_actuation(self.mjx_model, data), task_state, params)
+
+    def restore(self, qpos: jax.Array, qvel: jax.Array, act: jax.Array, task_state: Any,
+                params: TaskParams | None = None) -> EnvState:
+        """The state of a stored physics snapshot (qpos, qvel, act and the episode's task_state), ready to step,
+        as dm_control's physics is after `set_state` inside `reset_context`: kinematics and position/velocity
+        sensors recomputed. The solver's warm start is not part of the snapshot, so a contact-rich step from a
+        restored state agrees with the original step only up to the solver's tolerance."""
+        params = self.params if params is None else params
+        data = mjx.make_data(self.mjx_model).replace(qpos=qpos, qvel=qvel, act=act)
+        return self._episode_start(_position_velocity_stages(self.mjx_model, data), task_state, params)
+
+    def _episode_start(self, data, task_state, params) -> EnvState:
         obs = self._flat_observation(data, task_state, params)
         return EnvState(data=data, obs=obs, reward=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32),
                         done=jnp.asarray(False), nan=jnp.asarray(False), params=params, task_state=task_state)

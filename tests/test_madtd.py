@@ -76,7 +76,8 @@ def test_q_encoder_loss_reaches_encoder_not_critic(agent_and_state):
 def test_update_changes_all_trained_parts_and_polyak_target(agent_and_state):
     agent, state = agent_and_state
     batches = _batch(jax.random.key(7), CFG.batch_size, utd=CFG.utd)
-    new, metrics = jax.jit(agent.update)(state, batches, jax.random.key(8))
+    update = jax.jit(lambda s, k: agent.update(s, lambda key, shape: batches, k, jnp.int32(0)))
+    new, metrics = update(state, jax.random.key(8))
     assert set(metrics) == set(agent.metric_names)
     assert all(np.isfinite(float(v)) for v in metrics.values())
     for name in ("encoder", "model", "critic", "actor", "critic_target"):

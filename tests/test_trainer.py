@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "name": "tiny", "agent": "madtd", "tasks": ["cartpole-balance"], "seeds": 3,
     "train": {"steps": 60, "warmup_steps": 20, "chunk_steps": 20, "capacity": 64, "eval_every": 40,
-              "eval_episodes": 1, "checkpoint_every": 20, "action_repeat": 2},
+              "eval_episodes": 1, "checkpoint_every": 20, "action_repeat": 2, "diagnostic_rows": 16},
     "madtd": {"hidden": 16, "model_hidden": 16, "latent": 16, "batch_size": 8, "utd": 2, "alpha": 0.25, "mpc_samples": 8,
               "mpc_elites": 4},
 }
@@ -61,6 +61,13 @@ def test_run_completes_with_metrics_summary_and_config(full_run):
     assert [r["step"] for r in rows[::3]] == [20, 40, 60]
     assert rows[0]["loss/critic"] is None and rows[-1]["loss/critic"] is not None  # updates start after warm-up
     assert all(r["eval_return"] is not None for r in rows if r["step"] in (40, 60))
+    # Each evaluation also logs the critic diagnostics (held-out losses are None while a seed's held-out buffer is
+    # empty); steps without an evaluation carry none of them.
+    for r in rows:
+        evaluated = r["step"] in (40, 60)
+        for key in ("q_pred", "q_mc", "critic_loss/train"):
+            assert (r.get(key) is not None) == evaluated, (key, r)
+        assert evaluated or r.get("critic_loss/held_out") is None
     for name in ("config.json", "summary.json", "checkpoints"):
         assert os.path.exists(os.path.join(out, name))
 

@@ -18,21 +18,27 @@ from vecrl.config import RunSpec, TrainConfig, validate
 from vecrl.train import DomainProgram
 
 SIZES = {
-    # The quickstart's networks and update sizes, and the paper's.
-    "quickstart": dict(hidden=64, model_hidden=64, latent=64, batch_size=64, num_bins=51, utd=1),
-    "paper": dict(hidden=512, model_hidden=512, latent=512, batch_size=512, num_bins=151, utd=8),
+    # Per agent: the quickstart's networks and update sizes, and its paper's.
+    "madtd": {"quickstart": dict(hidden=64, model_hidden=64, latent=64, batch_size=64, num_bins=51, utd=1),
+              "paper": dict(hidden=512, model_hidden=512, latent=512, batch_size=512, num_bins=151, utd=8)},
+    "sac": {"quickstart": dict(hidden=64, batch_size=64, utd=1),
+            "paper": dict(hidden=256, batch_size=256, utd=20)},
+    # MBPO's retrain interval (250) stays: time it with --chunk-steps a multiple of 250 (the spec check requires
+    # the warm-up, rounded up to whole chunks, to be one).
+    "mbpo": {"quickstart": dict(hidden=64, model_hidden=64, batch_size=64, model_batch_size=64, utd=1),
+             "paper": dict(hidden=256, model_hidden=200, batch_size=256, model_batch_size=256, utd=20)},
 }
 
 
 def bench_spec(spec: RunSpec, seeds: int, size: str, chunk_steps: int) -> RunSpec:
-    agent = dataclasses.replace(spec.madtd, **SIZES[size])
+    agent = dataclasses.replace(spec.agent_config, **SIZES[spec.agent][size])
     warmup = -(-int(agent.batch_size / (1 - spec.train.holdout_fraction) + 1) // chunk_steps) * chunk_steps
     train = TrainConfig(steps=100 * warmup + chunk_steps * 100, warmup_steps=warmup,
                         action_repeat=spec.train.action_repeat, capacity=max(4 * warmup, 10_000),
                         holdout_fraction=spec.train.holdout_fraction, chunk_steps=chunk_steps, eval_every=0,
                         checkpoint_every=0)
     out = dataclasses.replace(spec, name=f"bench-{size}-{seeds}", seeds=tuple(range(seeds)),
-                              tasks=tuple(next(iter(spec.domains().values()))), train=train, madtd=agent)
+                              tasks=tuple(next(iter(spec.domains().values()))), train=train, **{spec.agent: agent})
     validate(out)
     return out
 
@@ -56,7 +62,7 @@ def measure(spec: RunSpec, chunks: int) -> dict:
     return {"seeds": len(spec.seeds), "tasks": len(spec.tasks), "compile_s": round(compile_s, 1),
             "agent_steps_per_s_per_seed": round(agent_steps / seconds, 2),
             "agent_steps_per_s_total": round(agent_steps * lanes / seconds, 1),
-            "gradient_steps_per_s": round(agent_steps * lanes * spec.madtd.utd / seconds, 1)}
+            "gradient_steps_per_s": round(agent_steps * lanes * spec.agent_config.utd / seconds, 1)}
 
 
 def run_bench(spec: RunSpec, seeds: list[int], sizes: list[str], chunks: int, chunk_steps: int, jsonl: str | None):
@@ -65,7 +71,8 @@ def run_bench(spec: RunSpec, seeds: list[int], sizes: list[str], chunks: int, ch
     for size in sizes:
         rows = {}
         for n in seeds:
-            row = {"size": size, "task": ",".join(bench_spec(spec, n, size, chunk_steps).tasks), "device": device,
+            row = {"agent": spec.agent, "size": size, "task": ",".join(bench_spec(spec, n, size, chunk_steps).tasks),
+                   "device": device,
                    **measure(bench_spec(spec, n, size, chunk_steps), chunks)}
             rows[n] = row
             print(json.dumps(row), flush=True)

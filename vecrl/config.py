@@ -25,7 +25,10 @@ import types
 import typing
 from typing import Any, Literal
 
+from vecrl.agents import AGENTS
 from vecrl.agents.madtd import MadTDConfig
+from vecrl.agents.mbpo import MBPOConfig
+from vecrl.agents.sac import SACConfig
 
 RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
 DEFAULT_SPEC = "quickstart"
@@ -45,14 +48,21 @@ class TrainConfig:
     chunk_steps: int = 1_000  # agent steps per compiled chunk (host sync, logging granularity)
     eval_every: int = 10_000  # agent steps between deterministic evaluations; 0 disables
     eval_episodes: int = 10  # per seed and task
+    # Held-out rows (and as many training rows) on which each evaluation measures the critic's loss, off- and
+    # on-policy (the paper's generalisation gap); 0 turns that diagnostic off.
+    diagnostic_rows: int = 512
     checkpoint_every: int = 50_000  # agent steps; a final checkpoint is always written
+    # Every this many agent steps, the agent is re-initialised (MAD-TD and SAC: all networks, optimisers and the
+    # temperature; MBPO: its SAC part, keeping the model) while the replay buffers are kept; 0 never resets
+    # (MAD-TD paper Fig. 6: 200,000; "Dyna limits" paper Sec. 5: 20,000).
+    reset_every: int = 0
     keep_checkpoints: int = 3
 
     def validate(self) -> None:
         for name in ("steps", "action_repeat", "capacity", "chunk_steps", "eval_episodes", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "diagnostic_rows", "reset_every"):
             if getattr(self, name) < 0:
                 raise SpecError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -65,7 +75,7 @@ class TrainConfig:
                                 f"({self.chunk_steps}): they run between chunks")
 
 
-AGENT_CONFIGS = {"madtd": MadTDConfig}
+AGENT_CONFIGS = {name: config for name, (config, _) in AGENTS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +86,20 @@ class RunSpec:
     agent: str = "madtd"
     train: TrainConfig = TrainConfig()
     madtd: MadTDConfig = MadTDConfig()
+    sac: SACConfig = SACConfig()
+    mbpo: MBPOConfig = MBPOConfig()
 
     @property
     def agent_config(self):
         return getattr(self, self.agent)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec with only its own agent's section (what config.json records and the fingerprint hashes)."""
+        out = dataclasses.asdict(self)
+        for other in AGENT_CONFIGS:
+            if other != self.agent:
+                del out[other]
+        return out
 
     def fingerprint(self) -> str:
         """What must not change for a checkpoint to be resumed."""
@@ -223,6 +240,9 @@ def spec_from_dict(raw: dict) -> RunSpec:
     for section in ("train", *AGENT_CONFIGS):
         if section in raw and not isinstance(raw[section], dict):
             raise SpecError(f"[{section}] must be a table of keys")
+        if section in AGENT_CONFIGS and section != agent and raw.get(section):
+            raise SpecError(f"the spec sets [{section}] keys but its agent is {agent!r}: set agent = \"{section}\" "
+                            f"or move the keys to [{agent}]")
     train = _build(TrainConfig, raw.get("train", {}), "train.")
     agent_values = dict(raw.get(agent, {}))
     if agent == "madtd" and "vmax" not in agent_values:
@@ -252,5 +272,10 @@ def validate(spec: RunSpec) -> None:
         raise SpecError(f"{spec.agent}.batch_size ({agent.batch_size}) is larger than the replay buffer can hold "
                         f"when updates start (~{sampleable_at_start} transitions after {train.warmup_steps} warm-up "
                         f"steps, capacity {train.capacity}): raise train.warmup_steps or lower the batch size")
+    if spec.agent == "mbpo" and train.warmup_steps % agent.retrain_every:
+        # The first update (at step warmup_steps) must retrain the ensemble, or SAC would learn from rollouts of an
+        # untrained model until the next retrain. (A reset keeps the model: see MBPO's `reset`.)
+        raise SpecError(f"train.warmup_steps ({train.warmup_steps}) must be a multiple of mbpo.retrain_every "
+                        f"({agent.retrain_every}): MBPO's first update must retrain its model")
     if 1000 % train.action_repeat:
         raise SpecError(f"train.action_repeat ({train.action_repeat}) must divide the 1000 control steps of an episode")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,15 +34,19 @@ def simnorm_log(x: jax.Array, group: int = 8) -> jax.Array:
 
 
 class MLP(nn.Module):
-    """Hidden blocks Dense -> LayerNorm -> Mish, then an optional linear output layer."""
+    """Hidden blocks Dense -> LayerNorm -> Mish (MAD-TD's), or Dense -> `activation` without normalisation
+    (SAC's ReLU networks), then an optional linear output layer."""
 
     hidden: Sequence[int]
     out: int | None = None
+    layer_norm: bool = True
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.mish
 
     @nn.compact
     def __call__(self, x):
         for width in self.hidden:
-            x = jax.nn.mish(nn.LayerNorm()(dense(width)(x)))
+            x = dense(width)(x)
+            x = self.activation(nn.LayerNorm()(x) if self.layer_norm else x)
         if self.out is not None:
             x = dense(self.out)(x)
         return x

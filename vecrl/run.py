@@ -118,6 +118,12 @@ def _chunk_records(spec: RunSpec, program: DomainProgram, outputs: dict, start_s
     return records
 
 
+def _finite_or_none(value) -> float | None:
+    """A scalar, or the mean of an array (evaluation episodes), for JSON; None where it is not finite."""
+    value = float(np.mean(value))
+    return value if np.isfinite(value) else None
+
+
 def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = True,
             stop_after_chunks: int | None = None) -> dict:
     """Train `spec` in `run_dir` (fresh, or resumed from its last checkpoint). Returns the summary.
@@ -156,7 +162,7 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
     compile_s = time.perf_counter() - t0
     bar = Progress(spec, step, enabled=progress)
     bar.note(f"compiled {len(programs)} domain program(s) in {compile_s:.1f} s; run folder {run_dir}")
-    stop, chunks_done, latest_eval = _Stop(), 0, {}
+    stop, chunks_done = _Stop(), 0
     status = "complete"
     with stop.installed():
         while step < spec.train.steps:
@@ -168,18 +174,20 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
                 records.extend(recs)
             step += spec.train.chunk_steps
             evaluate = (spec.train.eval_every and step % spec.train.eval_every == 0) or step == spec.train.steps
+            evaluation = {}  # (seed, task) -> eval return and diagnostics
             if evaluate:
                 for d, p in programs.items():
-                    returns = np.asarray(compiled[d][1](states[d]))  # [seed, task, episodes]
+                    out = jax.device_get(compiled[d][1](states[d]))  # [seed, task] (eval_return: [.., episodes])
                     for si, seed in enumerate(spec.seeds):
                         for ti, task in enumerate(p.tasks):
-                            latest_eval[(seed, task)] = float(returns[si, ti].mean())
+                            evaluation[(seed, task)] = {k: _finite_or_none(v[si, ti]) for k, v in out.items()}
             dt = time.perf_counter() - t_chunk
             wall = wall_offset + time.perf_counter() - t0
             for rec in records:
-                rec.update({"step": step, "frames": step * spec.train.action_repeat,
-                            "eval_return": latest_eval[(rec["seed"], rec["task"])] if evaluate else None,
+                rec.update({"step": step, "frames": step * spec.train.action_repeat, "eval_return": None,
                             "steps_per_s": spec.train.chunk_steps / dt, "wall_time": wall})
+                if evaluate:
+                    rec.update(evaluation[(rec["seed"], rec["task"])])
             metrics.write(records)
             bar.update(spec.train.chunk_steps, records, dt)
             chunks_done += 1
@@ -237,7 +245,8 @@ def resume(run_dir: str, progress: bool = True, spec: RunSpec | None = None, **k
         raise RunError(f"{run_dir} was started with a different spec (fingerprint {saved['fingerprint']}, "
                        f"given {spec.fingerprint()}); resume it without changes, or start a new run")
     if saved_spec.fingerprint() != saved["fingerprint"]:
-        raise RunError(f"{run_dir}/config.json does not match its fingerprint: it was edited; refusing to resume")
+        raise RunError(f"{run_dir}/config.json does not match its fingerprint: it was edited, or written by another "
+                       "version of vecrl whose spec fields differ; refusing to resume")
     return execute(saved_spec, run_dir, resume=True, progress=progress, **kw)
 
 

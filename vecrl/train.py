@@ -9,6 +9,7 @@ A Python loop over chunks (see `run.py`) logs, evaluates and checkpoints between
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,7 +21,7 @@ from flax import struct
 import envs_mjx
 from vecrl import replay
 from vecrl.agents.base import Agent
-from vecrl.agents.madtd import make_madtd
+from vecrl.agents import AGENTS
 from vecrl.config import RunSpec
 
 
@@ -44,9 +45,8 @@ class DomainState:
 
 
 def make_agent(spec: RunSpec, observation_size: int, action_size: int) -> Agent:
-    if spec.agent == "madtd":
-        return make_madtd(spec.madtd, observation_size, action_size)
-    raise ValueError(f"unknown agent {spec.agent!r}")
+    _, make = AGENTS[spec.agent]
+    return make(spec.agent_config, observation_size, action_size)
 
 
 def lane_key(seed: int, task: str) -> jax.Array:
@@ -79,7 +79,8 @@ class DomainProgram:
         env_state = self.env.reset(k_env, params)
         d = env_state.data
         row = {"obs": env_state.obs, "action": jnp.zeros((self.env.action_size,)), "reward": jnp.zeros(()),
-               "next_obs": env_state.obs, "mask": jnp.zeros(()), "qpos": d.qpos, "qvel": d.qvel, "act": d.act}
+               "next_obs": env_state.obs, "mask": jnp.zeros(()), "qpos": d.qpos, "qvel": d.qvel, "act": d.act,
+               "task_state": env_state.task_state}
         return Lane(agent=self.agent.init(k_agent),
                     buffer=replay.train_buffer_init(self.train.capacity, self.env.observation_size,
                                                     self.env.action_size),
@@ -103,7 +104,7 @@ class DomainProgram:
     # ----------------------------------------------------------------------------------------- chunk
     def _lane_step(self, lane: Lane, t: jax.Array):
         cfg, env, agent = self.train, self.env, self.agent
-        key, k_act, k_hold, k_sample, k_update, k_reset = jax.random.split(lane.key, 6)
+        key, k_act, k_hold, k_update, k_reset = jax.random.split(lane.key, 5)
         obs = lane.env.obs
         action = jax.lax.cond(
             t < cfg.warmup_steps,
@@ -117,13 +118,15 @@ class DomainProgram:
         buffer = replay.train_buffer_add(lane.buffer, obs, action, env_state.reward, env_state.obs, env_state.done,
                                          lane.env.step == 0, ~held, ok)
         d = lane.env.data
+        # The physics state and the episode's targets let diagnostics restore the simulator to this transition.
         row = {"obs": obs, "action": action, "reward": env_state.reward, "next_obs": env_state.obs,
-               "mask": 1.0 - env_state.done.astype(jnp.float32), "qpos": d.qpos, "qvel": d.qvel, "act": d.act}
+               "mask": 1.0 - env_state.done.astype(jnp.float32), "qpos": d.qpos, "qvel": d.qvel, "act": d.act,
+               "task_state": lane.env.task_state}
         held_out = replay.held_out_add(lane.held_out, row, ok & held)
 
         def update(agent_state):
-            batches = replay.train_buffer_sample(buffer, k_sample, (agent.batches_per_step, agent.batch_size))
-            new_state, metrics = agent.update(agent_state, batches, k_update)
+            new_state, metrics = agent.update(agent_state, functools.partial(replay.train_buffer_sample, buffer),
+                                              k_update, t)
             # A diverging update is rejected: this lane keeps its last finite agent and is flagged.
             finite = _all_finite(metrics) & _all_finite(new_state)
             new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, agent_state)
@@ -133,6 +136,11 @@ class DomainProgram:
             return agent_state, {k: jnp.zeros(()) for k in agent.metric_names}, jnp.asarray(False)
 
         agent_state, metrics, rejected = jax.lax.cond(t + 1 > cfg.warmup_steps, update, no_update, lane.agent)
+        if cfg.reset_every:
+            # A fresh agent from a key of its own, so that resets leave every other random stream unchanged.
+            k_fresh = jax.random.fold_in(k_update, 1)
+            fresh = agent.init if agent.reset is None else functools.partial(agent.reset, agent_state)
+            agent_state = jax.lax.cond((t + 1) % cfg.reset_every == 0, lambda: fresh(k_fresh), lambda: agent_state)
 
         episode_return = lane.episode_return + jnp.where(ok, env_state.reward, 0.0)
         episode_over = (t + 1) % env.episode_length == 0  # every lane's episode ends on the same step
@@ -158,19 +166,72 @@ class DomainProgram:
         return DomainState(lanes=lanes, step=step), outputs  # outputs: [K, seed, task, ...]
 
     # -------------------------------------------------------------------------------------- evaluate
-    def _eval_lane(self, lane: Lane, step: jax.Array) -> jax.Array:
+    def _eval_lane(self, lane: Lane, step: jax.Array) -> dict[str, jax.Array]:
+        """Deterministic-policy episodes, and the critic's value Q(s, pi(s)) at each state they visit."""
         env, agent, n = self.env, self.agent, self.train.eval_episodes
         k_reset, k_act = jax.random.split(jax.random.fold_in(lane.eval_key, step))
         states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, n), lane.env.params)
 
         def body(states, k):
-            actions = jax.vmap(lambda o, kk: agent.act(lane.agent, o, kk, False))(states.obs, jax.random.split(k, n))
+            k_act, k_value = jax.random.split(k)
+            actions = jax.vmap(lambda o, kk: agent.act(lane.agent, o, kk, False))(states.obs, jax.random.split(k_act, n))
+            values = jax.vmap(lambda o, kk: agent.value(lane.agent, o, kk))(states.obs, jax.random.split(k_value, n))
             states = jax.vmap(env.step)(states, actions)
-            return states, states.reward
+            return states, (states.reward, values)
 
-        _, rewards = jax.lax.scan(body, states, jax.random.split(k_act, env.episode_length))
-        return jnp.sum(rewards, axis=0)  # [episodes]
+        _, (rewards, values) = jax.lax.scan(body, states, jax.random.split(k_act, env.episode_length))
+        q_pred, q_mc = overestimation_pair(rewards, values, agent.gamma)
+        return {"eval_return": jnp.sum(rewards, axis=0), "q_pred": q_pred, "q_mc": q_mc}
 
-    def _evaluate(self, state: DomainState) -> jax.Array:
-        """Deterministic-policy episodes: returns [seed, task, eval_episodes]."""
-        return jax.vmap(jax.vmap(self._eval_lane, in_axes=(0, None)), in_axes=(0, None))(state.lanes, state.step)
+    def _generalisation_lane(self, lane: Lane, step: jax.Array) -> dict[str, jax.Array]:
+        """The critic's TD loss on training transitions, on held-out transitions, and on on-policy held-out
+        transitions: the simulator restored to each held-out state and stepped with the target policy's action
+        (paper Fig. 2 left). NaN for the held-out losses while the held-out buffer is empty."""
+        env, agent, rows = self.env, self.agent, self.train.diagnostic_rows
+        k_train, k_held, k_target, k_loss = jax.random.split(
+            jax.random.fold_in(jax.random.fold_in(lane.eval_key, step), 1), 4)
+        transitions = ("obs", "action", "reward", "next_obs", "mask")
+        train = replay.train_buffer_sample(lane.buffer, k_train, (rows,))
+        held = replay.held_out_sample(lane.held_out, k_held, (rows,))
+        actions = jax.vmap(agent.target_action, in_axes=(None, 0, 0))(lane.agent, held["obs"],
+                                                                      jax.random.split(k_target, rows))
+        restored = jax.vmap(env.restore, in_axes=(0, 0, 0, 0, None))(held["qpos"], held["qvel"], held["act"],
+                                                                     held["task_state"], lane.env.params)
+        stepped = jax.vmap(env.step)(restored, actions)
+        on_policy = {"obs": held["obs"], "action": actions, "reward": stepped.reward, "next_obs": stepped.obs,
+                     "mask": held["mask"] * (1.0 - stepped.nan.astype(jnp.float32))}
+        k1, k2, k3 = jax.random.split(k_loss, 3)
+        empty = jnp.where(lane.held_out.size() > 0, 0.0, jnp.nan)
+        return {"critic_loss/train": agent.td_loss(lane.agent, train, k1),
+                "critic_loss/held_out": agent.td_loss(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
+                "critic_loss/on_policy": agent.td_loss(lane.agent, on_policy, k3) + empty}
+
+    def _evaluate(self, state: DomainState) -> dict[str, jax.Array]:
+        """Evaluation and diagnostics for every lane: "eval_return" [seed, task, episodes]; the rest [seed, task]."""
+        def lane_fn(lane, step):
+            out = self._eval_lane(lane, step)
+            if self.train.diagnostic_rows:
+                out.update(self._generalisation_lane(lane, step))
+            return out
+
+        return jax.vmap(jax.vmap(lane_fn, in_axes=(0, None)), in_axes=(0, None))(state.lanes, state.step)
+
+
+def overestimation_pair(rewards: jax.Array, values: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
+    """Mean predicted value and mean discounted Monte-Carlo return over the same states, from [T, episodes]
+    rewards (the reward of acting at step t) and values (the critic's Q(s_t, pi(s_t))).
+
+    Episodes end at a time limit that the critic does not see, so the return from a state near the end is cut
+    short; only states whose remaining horizon carries all but 1% of the discounted weight are used (at least
+    the first state)."""
+    chex.assert_equal_shape((rewards, values))
+    steps = rewards.shape[0]
+
+    def backward(g, r):
+        g = r + gamma * g
+        return g, g
+
+    _, returns = jax.lax.scan(backward, jnp.zeros(rewards.shape[1:]), rewards, reverse=True)
+    horizon = math.ceil(math.log(0.01) / math.log(gamma)) if gamma > 0 else 1
+    used = max(1, steps - horizon)
+    return jnp.mean(values[:used]), jnp.mean(returns[:used])

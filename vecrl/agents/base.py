@@ -1,8 +1,8 @@
 """The interface between agents and the trainer.
 
 An agent knows nothing of seeds, chunks, files or the CLI. Inside the trainer it runs under vmap over
-[seed, task], so every function here sees unbatched arrays: one observation [obs_size], one minibatch
-[batches_per_step, batch_size, ...].
+[seed, task], so every function here sees unbatched arrays: one observation [obs_size], minibatches of rows
+[..., batch_size, ...] drawn from one lane's replay.
 """
 
 from __future__ import annotations
@@ -14,21 +14,37 @@ from typing import Any
 import jax
 
 Batch = dict[str, jax.Array]  # obs, action, reward, next_obs, mask (1 - episode_end)
+# sample(key, shape) -> a Batch of real training transitions with leading axes `shape`, drawn uniformly with
+# replacement from the lane's train buffer.
+Sampler = Callable[[jax.Array, tuple[int, ...]], Batch]
 
 
 @dataclasses.dataclass(frozen=True)
 class Agent:
-    """init(key) -> state; act(state, obs, key, explore) -> action in [-1, 1]; update(state, batches, key) ->
-    (state, metrics). `batches` has a leading axis of `batches_per_step` minibatches of `batch_size` rows each,
-    sampled by the trainer for one agent step."""
+    """init(key) -> state; act(state, obs, key, explore) -> action in [-1, 1]; update(state, sample, key, step) ->
+    (state, metrics): one agent step's learning. The agent draws what it needs through `sample` (a Sampler), so
+    that data used only on some steps is drawn only inside those branches; `step` is the number of agent steps
+    done, unbatched (the same for every seed), so schedules inside an agent stay real branches under vmap.
+    `batch_size` is the largest number of rows it draws at once, which the replay must hold when updates start.
+
+    The paper's diagnostics see the critic through three more functions (unbatched, like the rest):
+    target_action(state, obs, key) -> the action the critic's TD target evaluates at `obs` (the target policy);
+    value(state, obs, key) -> the critic's estimate of Q(obs, target_action), the value it bootstraps with;
+    td_loss(state, batch, key) -> the critic's loss on real transitions `batch` (rows, no leading minibatch axis).
+    """
 
     name: str
     config: Any
     init: Callable[[jax.Array], Any]
     act: Callable[[Any, jax.Array, jax.Array, bool], jax.Array]
-    update: Callable[[Any, Batch, jax.Array], tuple[Any, dict[str, jax.Array]]]
+    update: Callable[[Any, Sampler, jax.Array, jax.Array], tuple[Any, dict[str, jax.Array]]]
     batch_size: int
-    batches_per_step: int
     metric_names: tuple[str, ...]
+    gamma: float  # per agent step
+    target_action: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    value: Callable[[Any, jax.Array, jax.Array], jax.Array]
+    td_loss: Callable[[Any, Batch, jax.Array], jax.Array]
+    # reset(state, key) -> state: what `train.reset_every` re-initialises; None means the whole state (init).
+    reset: Callable[[Any, jax.Array], Any] | None = None
     # Named pure functions of the agent's internals, for diagnostics and tests (e.g. "critic_loss", "q_values").
     extras: Mapping[str, Callable] = dataclasses.field(default_factory=dict)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vecrl.agents.base import Agent, Batch
+from vecrl.agents.base import Agent, Batch, Sampler
 from vecrl.distributional import HLGauss
 from vecrl.networks import MLP, LatentHead, simnorm, simnorm_log
 
@@ -290,8 +290,29 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
         updates, opt = opt_actor.update(grads, state.opt_actor, state.actor)
         return state.replace(actor=optax.apply_updates(state.actor, updates), opt_actor=opt), loss
 
-    def update(state: MadTDState, batches: Batch, key: jax.Array):
-        """One agent step: model/encoder update on minibatch 0, then critic and actor on every minibatch."""
+    # -- what the trainer's diagnostics read: the actor is the target policy, the twin minimum its value
+    def target_action(state: MadTDState, obs: jax.Array, key: jax.Array) -> jax.Array:
+        del key  # deterministic
+        return policy(state.actor, encode(state.encoder, obs))
+
+    def value(state: MadTDState, obs: jax.Array, key: jax.Array) -> jax.Array:
+        del key
+        z = encode(state.encoder, obs)
+        return jnp.min(q_values(state.critic, z, policy(state.actor, z)), axis=0)
+
+    def td_loss(state: MadTDState, batch: Batch, key: jax.Array) -> jax.Array:
+        """The critic's HL-Gauss TD loss on real transitions only (no model rows), weighted by the mask."""
+        del key
+        z, z_next = encode(state.encoder, batch["obs"]), encode(state.encoder, batch["next_obs"])
+        y = td_target(state, batch["reward"], z_next)
+        return hl_loss(critic_logits(state.critic, z, batch["action"]), y, batch["mask"]) / jnp.maximum(
+            jnp.mean(batch["mask"]), 1e-6)
+
+    def update(state: MadTDState, sample: Sampler, key: jax.Array, step: jax.Array):
+        """One agent step: UTD minibatches; model/encoder update on minibatch 0, then critic and actor on each."""
+        del step  # MAD-TD has no schedule of its own
+        k_sample, key = jax.random.split(key)
+        batches = sample(k_sample, (cfg.utd, cfg.batch_size))
         state, metrics = model_update(state, jax.tree.map(lambda x: x[0], batches))
 
         def critic_actor(state, inputs):
@@ -307,7 +328,8 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
         return state, metrics
 
     return Agent(name="madtd", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
-                 batches_per_step=cfg.utd, metric_names=METRICS,
+                 metric_names=METRICS, gamma=cfg.gamma, target_action=target_action,
+                 value=value, td_loss=td_loss,
                  extras={"encode": encode, "policy": policy, "q_values": q_values, "critic_loss": critic_loss,
                          "critic_batch": critic_batch, "model_loss": model_loss})
 
