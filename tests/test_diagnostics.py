@@ -30,7 +30,7 @@ def test_held_out_states_restore_and_feed_the_generalisation_losses():
     state = program.init()
     lane0 = jax.tree.map(lambda x: x[0, 0], state.lanes)
     empty = program._generalisation_lane(lane0, state.step)  # pylint: disable=protected-access
-    assert np.isnan(float(empty["critic_loss/held_out"])) and np.isnan(float(empty["critic_loss/on_policy"]))
+    assert np.isnan(float(empty["td_error/held_out"])) and np.isnan(float(empty["td_error/on_policy"]))
 
     for _ in range(2):  # past warm-up: held-out rows from random and from policy actions
         state, _ = program.chunk(state)
@@ -48,7 +48,7 @@ def test_held_out_states_restore_and_feed_the_generalisation_losses():
 
     losses = jax.jit(jax.vmap(jax.vmap(program._generalisation_lane, in_axes=(0, None)),  # pylint: disable=protected-access
                               in_axes=(0, None)))(state.lanes, state.step)
-    for key in ("critic_loss/train", "critic_loss/held_out", "critic_loss/on_policy"):
+    for key in ("td_error/train", "td_error/held_out", "td_error/on_policy"):
         assert np.all(np.isfinite(np.asarray(losses[key]))) and np.all(np.asarray(losses[key]) > 0), key
     # On-policy rows take the target policy's actions, not the stored ones: their loss differs.
-    assert not np.allclose(losses["critic_loss/held_out"], losses["critic_loss/on_policy"])
+    assert not np.allclose(losses["td_error/held_out"], losses["td_error/on_policy"])

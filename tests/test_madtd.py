@@ -108,3 +108,16 @@ def test_config_rejects_impossible_values():
                 dict(gamma=1.0), dict(vmax=0.0)]:
         with pytest.raises(ValueError):
             MadTDConfig(**bad).validate()
+
+
+def test_td_error_is_the_squared_error_of_the_expected_values(agent_and_state):
+    agent, state = agent_and_state
+    batch = _batch(jax.random.key(9), 16)
+    x = agent.extras
+    z, z_next = x["encode"](state.encoder, batch["obs"]), x["encode"](state.encoder, batch["next_obs"])
+    q = np.asarray(x["q_values"](state.critic, z, batch["action"]))  # [2, 16]
+    q_next = np.asarray(x["q_values"](state.critic_target, z_next, x["policy"](state.actor, z_next))).min(0)
+    y = np.asarray(batch["reward"]) + CFG.gamma * q_next
+    mask = np.asarray(batch["mask"])
+    expected = np.sum(mask * ((q - y) ** 2).mean(0)) / mask.sum()  # row 0 has mask 0 and is left out
+    assert float(agent.td_error(state, batch, jax.random.key(0))) == pytest.approx(expected, rel=1e-5)

@@ -273,7 +273,7 @@ def test_diagnostics_are_sacs_on_its_state(mbpo):
     sac = make_sac(CFG.sac_config(), OBS, ACT)
     state = mbpo.init(jax.random.key(8))
     data, key, obs = transitions(), jax.random.key(9), jnp.ones((OBS,))
-    assert float(mbpo.td_loss(state, data, key)) == float(sac.td_loss(state.sac, data, key))
+    assert float(mbpo.td_error(state, data, key)) == float(sac.td_error(state.sac, data, key))
     assert float(mbpo.value(state, obs, key)) == float(sac.value(state.sac, obs, key))
     np.testing.assert_array_equal(mbpo.target_action(state, obs, key), sac.target_action(state.sac, obs, key))
     assert mbpo.metric_names[:len(sac.metric_names)] == sac.metric_names

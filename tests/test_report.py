@@ -82,8 +82,8 @@ def write_run(path, name, final_eval, seeds=4, tasks=("cartpole-balance", "cartp
                            "train_return": value, "train_episodes": 1, "eval_return": value, "env_nan": False,
                            "rejected_updates": 0, "wall_time": step / 10}
                     if diagnostics:
-                        rec.update({"q_pred": value / 10, "q_mc": value / 12, "critic_loss/train": 1.0,
-                                    "critic_loss/held_out": 1.5, "critic_loss/on_policy": 2.0})
+                        rec.update({"q_pred": value / 10, "q_mc": value / 12, "td_error/train": 1.0,
+                                    "td_error/held_out": 1.5, "td_error/on_policy": 2.0})
                     f.write(json.dumps(rec) + "\n")
     if summary:
         with open(os.path.join(path, "summary.json"), "w") as f:

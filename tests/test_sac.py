@@ -54,8 +54,8 @@ def test_critic_loss_by_hand_with_zero_networks(sac):
     expected = np.mean(np.asarray(b["mask"]) * 2 * target ** 2)  # both heads predict 0
     assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert float(q_mean) == 0.0
-    # The diagnostic td_loss is the same loss averaged over the rows with mask 1.
-    assert float(sac.td_loss(state, b, key)) == pytest.approx(expected / 0.75, rel=1e-4)
+    # The diagnostic td_error is the same squared error averaged over the heads and the rows with mask 1.
+    assert float(sac.td_error(state, b, key)) == pytest.approx(expected / 2 / 0.75, rel=1e-4)
 
 
 def test_actor_loss_by_hand_with_zero_critic(sac):

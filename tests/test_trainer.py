@@ -65,9 +65,9 @@ def test_run_completes_with_metrics_summary_and_config(full_run):
     # empty); steps without an evaluation carry none of them.
     for r in rows:
         evaluated = r["step"] in (40, 60)
-        for key in ("q_pred", "q_mc", "critic_loss/train"):
+        for key in ("q_pred", "q_mc", "td_error/train"):
             assert (r.get(key) is not None) == evaluated, (key, r)
-        assert evaluated or r.get("critic_loss/held_out") is None
+        assert evaluated or r.get("td_error/held_out") is None
     for name in ("config.json", "summary.json", "checkpoints"):
         assert os.path.exists(os.path.join(out, name))
 

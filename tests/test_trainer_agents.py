@@ -1,4 +1,4 @@
-"""Every agent behind the trainer's one interface: tiny SAC and MBPO runs resume bit for bit, and periodic resets
+"""Every agent behind the trainer's one interface: tiny SAC, MBPO and SVG runs resume bit for bit, and periodic resets
 re-initialise the agent while the replay is kept."""
 
 import json
@@ -20,6 +20,8 @@ TINY_AGENTS = {
     "sac": {"hidden": 16, "batch_size": 8, "utd": 2},
     "mbpo": {"hidden": 16, "batch_size": 8, "utd": 2, "model_hidden": 16, "model_batch_size": 8, "retrain_every": 20,
              "model_train_steps": 5, "model_validation_rows": 16, "rollouts": 8, "model_capacity": 64},
+    "svg": {"hidden": 16, "batch_size": 8, "utd": 1, "model_hidden": 16, "gru_layers": 1, "model_batch_size": 8,
+            "model_updates": 1, "horizon": 2},
 }
 
 
@@ -42,7 +44,7 @@ def test_run_resumes_bit_for_bit(agent, tmp_path):
     assert summary["status"] == "complete"
     rows = _rows(full)
     assert rows[-1]["loss/critic"] is not None and rows[-1]["temperature"] is not None
-    assert rows[-1]["q_pred"] is not None and rows[-1]["critic_loss/train"] is not None
+    assert rows[-1]["q_pred"] is not None and rows[-1]["td_error/train"] is not None
     assert run.train(tiny_agent(agent), resumed, progress=False, stop_after_chunks=1)["status"] == "interrupted"
     run.resume(resumed, progress=False)
     assert _rows(resumed) == rows

@@ -27,6 +27,8 @@ SIZES = {
     # the warm-up, rounded up to whole chunks, to be one).
     "mbpo": {"quickstart": dict(hidden=64, model_hidden=64, batch_size=64, model_batch_size=64, utd=1),
              "paper": dict(hidden=256, model_hidden=200, batch_size=256, model_batch_size=256, utd=20)},
+    "svg": {"quickstart": dict(hidden=64, model_hidden=64, batch_size=64, model_batch_size=64, utd=1),
+            "paper": dict(hidden=512, model_hidden=512, batch_size=512, model_batch_size=1024, utd=1)},
 }
 
 

@@ -29,6 +29,7 @@ from vecrl.agents import AGENTS
 from vecrl.agents.madtd import MadTDConfig
 from vecrl.agents.mbpo import MBPOConfig
 from vecrl.agents.sac import SACConfig
+from vecrl.agents.svg import SVGConfig
 
 RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
 DEFAULT_SPEC = "quickstart"
@@ -48,13 +49,13 @@ class TrainConfig:
     chunk_steps: int = 1_000  # agent steps per compiled chunk (host sync, logging granularity)
     eval_every: int = 10_000  # agent steps between deterministic evaluations; 0 disables
     eval_episodes: int = 10  # per seed and task
-    # Held-out rows (and as many training rows) on which each evaluation measures the critic's loss, off- and
-    # on-policy (the paper's generalisation gap); 0 turns that diagnostic off.
+    # Held-out rows (and as many training rows) on which each evaluation measures the critic's squared TD error,
+    # off- and on-policy (the paper's generalisation gap); 0 turns that diagnostic off.
     diagnostic_rows: int = 512
     checkpoint_every: int = 50_000  # agent steps; a final checkpoint is always written
     # Every this many agent steps, the agent is re-initialised (MAD-TD and SAC: all networks, optimisers and the
-    # temperature; MBPO: its SAC part, keeping the model) while the replay buffers are kept; 0 never resets
-    # (MAD-TD paper Fig. 6: 200,000; "Dyna limits" paper Sec. 5: 20,000).
+    # temperature; MBPO and SVG: their SAC part, keeping the model) while the replay buffers are kept; 0 never
+    # resets (MAD-TD paper Fig. 6: 200,000; "Dyna limits" paper Sec. 5: 20,000).
     reset_every: int = 0
     keep_checkpoints: int = 3
 
@@ -88,6 +89,7 @@ class RunSpec:
     madtd: MadTDConfig = MadTDConfig()
     sac: SACConfig = SACConfig()
     mbpo: MBPOConfig = MBPOConfig()
+    svg: SVGConfig = SVGConfig()
 
     @property
     def agent_config(self):

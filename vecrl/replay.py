@@ -4,7 +4,8 @@
 observation is the next slot's observation (written together with the transition, so the newest transition is
 complete). That halves the observation memory of a paper-size run. Which transitions may be sampled is kept in a
 ring of transition numbers (`index`), so the 5% routed to the held-out buffer, and anything rejected, are never
-sampled, while their observations still serve as their predecessors' next observations.
+sampled, while their observations still serve as their predecessors' next observations. Sequences of
+consecutive transitions (for multi-step model losses) are drawn from the same index: see `train_buffer_sample`.
 
 `HeldOutBuffer` is a plain ring of complete transitions (with whatever extra per-row data the trainer adds,
 e.g. the physics state), small because it receives only the held-out fraction.
@@ -80,14 +81,44 @@ def train_buffer_add(buf: TrainBuffer, obs, action, reward, next_obs, episode_en
                        oldest=buf.oldest + stale.astype(jnp.int32))
 
 
-def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...]) -> dict[str, jax.Array]:
-    """Uniform with replacement over sampleable transitions. The buffer must not be empty."""
+def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...],
+                        length: int | None = None) -> dict[str, jax.Array]:
+    """Uniform with replacement over sampleable transitions. The buffer must not be empty.
+
+    With `length` = L, each draw is a sequence: the L transitions that follow one another from a sampleable start,
+    every array with an extra axis L after `shape` (obs [*shape, L, obs], mask [*shape, L], ...). Sequences are
+    not resampled where they run out: `mask` weighs step k with 1 only while steps 0..k all bootstrap (none is an
+    episode's last) and are all sampleable, and with 0 from the first step that breaks that onward. The rows of
+    zero-weight steps hold whatever the slots hold (stale but finite).
+
+    Held-out transitions are excluded from sequences too, not only as starts: they are written to this buffer
+    (their observations are their predecessors' next observations) but a model trained on sequences through them
+    would learn their actions and rewards, which the held-out diagnostics assume no part of the agent has seen.
+    Excluding them costs no memory: the index is strictly increasing, so transitions s0..s0 + k are all
+    sampleable exactly when the index entry k places after s0's holds s0 + k. The same test keeps sequences
+    inside the written window, since indexed transitions newer than a complete start are complete.
+    """
     c = buf.capacity
     u = jax.random.randint(key, shape, buf.oldest, jnp.maximum(buf.indexed, buf.oldest + 1))
-    s = buf.index[u % c]
+    if length is None:
+        s = buf.index[u % c]
+        return _transitions(buf, s, buf.mask[s % c])
+    if length < 1:
+        raise ValueError(f"sequence length must be at least 1, got {length}")
+    steps = jnp.arange(length, dtype=jnp.int32)
+    entry = u[..., None] + steps  # [*shape, L] positions in the index
+    s = buf.index[u % c][..., None] + steps  # [*shape, L] transition numbers
+    sampleable_run = (entry < buf.indexed) & (buf.index[entry % c] == s)
+    weight = jnp.cumprod(jnp.where(sampleable_run, buf.mask[s % c], 0.0), axis=-1)
+    return _transitions(buf, s, weight)
+
+
+def _transitions(buf: TrainBuffer, s: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """The rows of transition numbers `s` (any shape), weighted by `mask`."""
+    c = buf.capacity
     slot, next_slot = s % c, (s + 1) % c
     return {"obs": buf.obs[slot], "action": buf.action[slot], "reward": buf.reward[slot],
-            "next_obs": buf.obs[next_slot], "mask": buf.mask[slot]}
+            "next_obs": buf.obs[next_slot], "mask": mask}
 
 
 @struct.dataclass

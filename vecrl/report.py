@@ -188,7 +188,7 @@ def curves_figure(task: str, runs: list[RunData], reps: int) -> Figure:
 
 
 def diagnostics_figure(task: str, runs: list[RunData], reps: int) -> Figure | None:
-    if not any(run.series(task, k)[0].size for run in runs for k in ("q_pred", "critic_loss/train")):
+    if not any(run.series(task, k)[0].size for run in runs for k in ("q_pred", "td_error/train")):
         return None
     xlabel, scale = _x_axis(runs)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -198,12 +198,12 @@ def diagnostics_figure(task: str, runs: list[RunData], reps: int) -> Figure | No
         for key, style, what in (("q_pred", "-", "Q(s, pi(s))"), ("q_mc", "--", "Monte-Carlo return")):
             steps, values = run.series(task, key)
             _band(ax_q, steps * scale[run.label], values, color, f"{run.label}: {what}", reps, False, style)
-        for key, style, what in (("critic_loss/train", "-", "train"), ("critic_loss/held_out", "--", "held-out"),
-                                 ("critic_loss/on_policy", ":", "on-policy held-out")):
+        for key, style, what in (("td_error/train", "-", "train"), ("td_error/held_out", "--", "held-out"),
+                                 ("td_error/on_policy", ":", "on-policy held-out")):
             steps, values = run.series(task, key)
             _band(ax_loss, steps * scale[run.label], values, color, f"{run.label}: {what}", reps, False, style)
     ax_q.set_title("value overestimation: predicted vs obtained (discounted)", fontsize=10)
-    ax_loss.set_title("critic TD loss: generalisation to held-out and on-policy data", fontsize=10)
+    ax_loss.set_title("critic squared TD error: train, held-out, on-policy held-out", fontsize=10)
     ax_loss.set_yscale("log")
     for ax in (ax_q, ax_loss):
         ax.set_xlabel(xlabel)
@@ -350,7 +350,7 @@ def make_report(run_dirs: list[str], out: str, reps: int = 2000) -> dict:
         if diag is not None:
             parts.append(f"![diagnostics]({save(diag, f'diagnostics_{task}.png')})\n\nLeft: the critic's "
                          "Q(s, pi(s)) against the discounted return the deterministic policy then obtained, over "
-                         "the evaluation episodes' states. Right: the critic's TD loss on training minibatches, "
+                         "the evaluation episodes' states. Right: the critic's squared TD error on training minibatches, "
                          "on held-out transitions, and on held-out states stepped with the current target "
                          "policy's action (paper Fig. 2 left).")
         flagged = {run.label: run.flagged(task) for run in with_task if run.flagged(task)}

@@ -184,7 +184,7 @@ class DomainProgram:
         return {"eval_return": jnp.sum(rewards, axis=0), "q_pred": q_pred, "q_mc": q_mc}
 
     def _generalisation_lane(self, lane: Lane, step: jax.Array) -> dict[str, jax.Array]:
-        """The critic's TD loss on training transitions, on held-out transitions, and on on-policy held-out
+        """The critic's squared TD error on training transitions, on held-out transitions, and on on-policy held-out
         transitions: the simulator restored to each held-out state and stepped with the target policy's action
         (paper Fig. 2 left). NaN for the held-out losses while the held-out buffer is empty."""
         env, agent, rows = self.env, self.agent, self.train.diagnostic_rows
@@ -202,9 +202,9 @@ class DomainProgram:
                      "mask": held["mask"] * (1.0 - stepped.nan.astype(jnp.float32))}
         k1, k2, k3 = jax.random.split(k_loss, 3)
         empty = jnp.where(lane.held_out.size() > 0, 0.0, jnp.nan)
-        return {"critic_loss/train": agent.td_loss(lane.agent, train, k1),
-                "critic_loss/held_out": agent.td_loss(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
-                "critic_loss/on_policy": agent.td_loss(lane.agent, on_policy, k3) + empty}
+        return {"td_error/train": agent.td_error(lane.agent, train, k1),
+                "td_error/held_out": agent.td_error(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
+                "td_error/on_policy": agent.td_error(lane.agent, on_policy, k3) + empty}
 
     def _evaluate(self, state: DomainState) -> dict[str, jax.Array]:
         """Evaluation and diagnostics for every lane: "eval_return" [seed, task, episodes]; the rest [seed, task]."""

@@ -7,5 +7,7 @@ constructor `make(config, observation_size, action_size) -> Agent`.
 from vecrl.agents.madtd import MadTDConfig, make_madtd
 from vecrl.agents.mbpo import MBPOConfig, make_mbpo
 from vecrl.agents.sac import SACConfig, make_sac
+from vecrl.agents.svg import SVGConfig, make_svg
 
-AGENTS = {"madtd": (MadTDConfig, make_madtd), "sac": (SACConfig, make_sac), "mbpo": (MBPOConfig, make_mbpo)}
+AGENTS = {"madtd": (MadTDConfig, make_madtd), "sac": (SACConfig, make_sac), "mbpo": (MBPOConfig, make_mbpo),
+          "svg": (SVGConfig, make_svg)}

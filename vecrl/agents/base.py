@@ -15,7 +15,8 @@ import jax
 
 Batch = dict[str, jax.Array]  # obs, action, reward, next_obs, mask (1 - episode_end)
 # sample(key, shape) -> a Batch of real training transitions with leading axes `shape`, drawn uniformly with
-# replacement from the lane's train buffer.
+# replacement from the lane's train buffer. sample(key, shape, length=L) draws sequences of L consecutive
+# transitions instead (axes [*shape, L]), `mask` 0 from the first step that leaves the episode or the train set on.
 Sampler = Callable[[jax.Array, tuple[int, ...]], Batch]
 
 
@@ -30,7 +31,9 @@ class Agent:
     The paper's diagnostics see the critic through three more functions (unbatched, like the rest):
     target_action(state, obs, key) -> the action the critic's TD target evaluates at `obs` (the target policy);
     value(state, obs, key) -> the critic's estimate of Q(obs, target_action), the value it bootstraps with;
-    td_loss(state, batch, key) -> the critic's loss on real transitions `batch` (rows, no leading minibatch axis).
+    td_error(state, batch, key) -> the critic's squared TD error on real transitions `batch` (rows, no leading
+        minibatch axis): (value estimate - TD target)^2, averaged over critic heads and over the rows with mask 1.
+        In value units whatever the training loss, so that agents can be compared.
     """
 
     name: str
@@ -43,7 +46,7 @@ class Agent:
     gamma: float  # per agent step
     target_action: Callable[[Any, jax.Array, jax.Array], jax.Array]
     value: Callable[[Any, jax.Array, jax.Array], jax.Array]
-    td_loss: Callable[[Any, Batch, jax.Array], jax.Array]
+    td_error: Callable[[Any, Batch, jax.Array], jax.Array]
     # reset(state, key) -> state: what `train.reset_every` re-initialises; None means the whole state (init).
     reset: Callable[[Any, jax.Array], Any] | None = None
     # Named pure functions of the agent's internals, for diagnostics and tests (e.g. "critic_loss", "q_values").

@@ -300,13 +300,13 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
         z = encode(state.encoder, obs)
         return jnp.min(q_values(state.critic, z, policy(state.actor, z)), axis=0)
 
-    def td_loss(state: MadTDState, batch: Batch, key: jax.Array) -> jax.Array:
-        """The critic's HL-Gauss TD loss on real transitions only (no model rows), weighted by the mask."""
+    def td_error(state: MadTDState, batch: Batch, key: jax.Array) -> jax.Array:
+        """Squared error of the heads' expected values against the TD target, on real transitions only."""
         del key
         z, z_next = encode(state.encoder, batch["obs"]), encode(state.encoder, batch["next_obs"])
         y = td_target(state, batch["reward"], z_next)
-        return hl_loss(critic_logits(state.critic, z, batch["action"]), y, batch["mask"]) / jnp.maximum(
-            jnp.mean(batch["mask"]), 1e-6)
+        squared = jnp.mean((q_values(state.critic, z, batch["action"]) - y) ** 2, axis=0)
+        return jnp.sum(batch["mask"] * squared) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
     def update(state: MadTDState, sample: Sampler, key: jax.Array, step: jax.Array):
         """One agent step: UTD minibatches; model/encoder update on minibatch 0, then critic and actor on each."""
@@ -329,7 +329,7 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
 
     return Agent(name="madtd", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
                  metric_names=METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_loss=td_loss,
+                 value=value, td_error=td_error,
                  extras={"encode": encode, "policy": policy, "q_values": q_values, "critic_loss": critic_loss,
                          "critic_batch": critic_batch, "model_loss": model_loss})
 

@@ -336,8 +336,8 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
     def value(state: MBPOState, obs: jax.Array, key: jax.Array) -> jax.Array:
         return sac.value(state.sac, obs, key)
 
-    def td_loss(state: MBPOState, batch: Batch, key: jax.Array) -> jax.Array:
-        return sac.td_loss(state.sac, batch, key)
+    def td_error(state: MBPOState, batch: Batch, key: jax.Array) -> jax.Array:
+        return sac.td_error(state.sac, batch, key)
 
     def reset(state: MBPOState, key: jax.Array) -> MBPOState:
         """The "Dyna limits" paper's resets (its Section 5): actor, critics, target critics and temperature start
@@ -346,7 +346,7 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
 
     return Agent(name="mbpo", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
                  metric_names=sac.metric_names + MODEL_METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_loss=td_loss, reset=reset,
+                 value=value, td_error=td_error, reset=reset,
                  extras={"model_net": model_net, "predict": predict, "ensemble_predict": ensemble_predict,
                          "member_loss": member_loss, "member_errors": member_errors, "select_elites": select_elites,
                          "retrain": retrain, "branch_rollouts": branch_rollouts, "mixed_batches": mixed_batches})

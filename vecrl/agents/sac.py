@@ -78,6 +78,14 @@ def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) ->
     return jnp.sum(gauss - jacobian, axis=-1)
 
 
+def temperature_loss(log_temperature: jax.Array, logp: jax.Array, mask: jax.Array,
+                     target_entropy: jax.Array) -> jax.Array:
+    """SAC's temperature objective: its gradient raises the temperature while the policy's entropy (-logp, over
+    the rows with mask 1) is below the target, and lowers it while above."""
+    entropy_gap = jax.lax.stop_gradient(jnp.sum(mask * (logp + target_entropy)) / jnp.maximum(jnp.sum(mask), 1.0))
+    return -log_temperature * entropy_gap
+
+
 def make_sac(cfg: SACConfig, observation_size: int, action_size: int) -> Agent:
     cfg.validate()
     actor_net = MLP((cfg.hidden, cfg.hidden), 2 * action_size, layer_norm=False, activation=jax.nn.relu)
@@ -124,22 +132,25 @@ def make_sac(cfg: SACConfig, observation_size: int, action_size: int) -> Agent:
         q = jnp.min(critic_net.apply(state.critic, batch["obs"], action), axis=0)
         return jnp.mean(batch["mask"] * (jnp.exp(state.log_temperature) * logp - q)), logp
 
-    def gradient_step(state: SACState, inputs):
-        batch, key = inputs
-        k_critic, k_actor = jax.random.split(key)
-        (loss_c, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, state, batch, k_critic)
+    def critic_step(state: SACState, batch: Batch, key: jax.Array):
+        """One critic step and the target's Polyak update: (state, (loss, q_mean))."""
+        (loss_c, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, state, batch, key)
         updates, opt_critic = optimizer.update(g, state.opt_critic, state.critic)
         critic = optax.apply_updates(state.critic, updates)
         state = state.replace(critic=critic, opt_critic=opt_critic,
                               critic_target=optax.incremental_update(critic, state.critic_target, cfg.tau))
+        return state, (loss_c, q_mean)
+
+    def gradient_step(state: SACState, inputs):
+        batch, key = inputs
+        k_critic, k_actor = jax.random.split(key)
+        state, (loss_c, q_mean) = critic_step(state, batch, k_critic)
 
         (loss_a, logp), g = jax.value_and_grad(actor_loss, has_aux=True)(state.actor, state, batch, k_actor)
         updates, opt_actor = optimizer.update(g, state.opt_actor, state.actor)
         state = state.replace(actor=optax.apply_updates(state.actor, updates), opt_actor=opt_actor)
 
-        entropy_gap = jax.lax.stop_gradient(jnp.sum(batch["mask"] * (logp + target_entropy)) /
-                                            jnp.maximum(jnp.sum(batch["mask"]), 1.0))
-        loss_t, g = jax.value_and_grad(lambda log_t: -log_t * entropy_gap)(state.log_temperature)
+        loss_t, g = jax.value_and_grad(temperature_loss)(state.log_temperature, logp, batch["mask"], target_entropy)
         updates, opt_t = optimizer.update(g, state.opt_temperature, state.log_temperature)
         state = state.replace(log_temperature=optax.apply_updates(state.log_temperature, updates), opt_temperature=opt_t)
         return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
@@ -162,15 +173,15 @@ def make_sac(cfg: SACConfig, observation_size: int, action_size: int) -> Agent:
         del key
         return jnp.min(critic_net.apply(state.critic, obs, jnp.tanh(actor_dist(state.actor, obs)[0])), axis=0)
 
-    def td_loss(state: SACState, batch: Batch, key: jax.Array) -> jax.Array:
-        loss, _ = critic_loss(state.critic, state, batch, key)
-        return loss / jnp.maximum(jnp.mean(batch["mask"]), 1e-6)
+    def td_error(state: SACState, batch: Batch, key: jax.Array) -> jax.Array:
+        loss, _ = critic_loss(state.critic, state, batch, key)  # masked mean over rows of the sum over two heads
+        return loss / 2.0 / jnp.maximum(jnp.mean(batch["mask"]), 1e-6)
 
     return Agent(name="sac", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
                  metric_names=METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_loss=td_loss,
+                 value=value, td_error=td_error,
                  extras={"actor_dist": actor_dist, "sample": sample, "critic_loss": critic_loss,
-                         "actor_loss": actor_loss, "critic_net": critic_net,
+                         "actor_loss": actor_loss, "critic_net": critic_net, "critic_step": critic_step,
                          # One critic, actor and temperature step on a given minibatch, for agents built on SAC
                          # (MBPO feeds it batches of model and real rows): (state, (batch, key)) -> (state, metrics).
                          "gradient_step": gradient_step})
