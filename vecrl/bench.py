@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import jax
@@ -23,8 +24,7 @@ SIZES = {
               "paper": dict(hidden=512, model_hidden=512, latent=512, batch_size=512, num_bins=151, utd=8)},
     "sac": {"quickstart": dict(hidden=64, batch_size=64, utd=1),
             "paper": dict(hidden=256, batch_size=256, utd=20)},
-    # MBPO's retrain interval (250) stays: time it with --chunk-steps a multiple of 250 (the spec check requires
-    # the warm-up, rounded up to whole chunks, to be one).
+    # MBPO's retrain interval (250) stays; the warm-up is rounded up to a multiple of it (see bench_spec).
     "mbpo": {"quickstart": dict(hidden=64, model_hidden=64, batch_size=64, model_batch_size=64, utd=1),
              "paper": dict(hidden=256, model_hidden=200, batch_size=256, model_batch_size=256, utd=20)},
     "svg": {"quickstart": dict(hidden=64, model_hidden=64, batch_size=64, model_batch_size=64, utd=1),
@@ -34,7 +34,9 @@ SIZES = {
 
 def bench_spec(spec: RunSpec, seeds: int, size: str, chunk_steps: int) -> RunSpec:
     agent = dataclasses.replace(spec.agent_config, **SIZES[spec.agent][size])
-    warmup = -(-int(agent.batch_size / (1 - spec.train.holdout_fraction) + 1) // chunk_steps) * chunk_steps
+    # Whole chunks of warm-up that leave a batch to sample, and (MBPO) end on a model-retrain step.
+    period = math.lcm(chunk_steps, getattr(agent, "retrain_every", 1))
+    warmup = -(-int(agent.batch_size / (1 - spec.train.holdout_fraction) + 1) // period) * period
     train = TrainConfig(steps=100 * warmup + chunk_steps * 100, warmup_steps=warmup,
                         action_repeat=spec.train.action_repeat, capacity=max(4 * warmup, 10_000),
                         holdout_fraction=spec.train.holdout_fraction, chunk_steps=chunk_steps, eval_every=0,
