@@ -76,6 +76,9 @@ class Domain:
     # Parity tests only: copy `task_state` (targets drawn at reset) into a dm_control environment of this domain,
     # inside its `physics.reset_context()`. None where the domain draws no task state.
     sync_dm_control: Callable[[Any, Any], None] | None = None
+    # XLA options every program holding this domain's physics must be compiled with (`Env.jit` passes them).
+    # Only `xla_cpu_*` options belong here: other backends ignore them.
+    compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_model(model_and_assets: Callable[[], tuple[str, dict]],
@@ -211,6 +214,11 @@ class Env:
         shapes = jax.eval_shape(observation_values, self._dummy_data(), self._dummy_task_state(), self.params)
         self.observation_spec = tuple((k, tuple(v.shape)) for k, v in zip(keys, shapes))
         self.observation_size = int(sum(int(np.prod(s)) for _, s in self.observation_spec))
+
+    def jit(self, fun: Callable, **jit_kwargs) -> Callable:
+        """`jax.jit` with the compiler options this domain's physics needs (dog on the CPU). Use it, or pass
+        `compiler_options=env.domain.compiler_options`, for any program that steps or resets this env."""
+        return jax.jit(fun, compiler_options=dict(self.domain.compiler_options) or None, **jit_kwargs)
 
     def __repr__(self):
         return (f"Env({self.name!r}, action_repeat={self.action_repeat}, obs={self.observation_size}, "

@@ -28,6 +28,8 @@ class ParityResult:
     step_obs_err: float  # max |obs| difference after one control step
     step_reward_err: float  # max |reward| difference after one control step
     n_states: int
+    step_obs_err_by_key: dict[str, float] = dataclasses.field(default_factory=dict)  # step_obs_err per obs key
+    reset_obs_err_by_key: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ def task_groups(domain_name: str, tasks: list[str] | None = None) -> list[list[s
 @functools.lru_cache(maxsize=None)
 def _batched_fns_of(domain: Domain):
     env = Env(domain, next(iter(domain.tasks)))
-    return env, jax.jit(jax.vmap(env.reset)), jax.jit(jax.vmap(env.step))
+    return env, env.jit(jax.vmap(env.reset)), env.jit(jax.vmap(env.step))
 
 
 def _batched_fns(domain_name: str, task: str | None = None):
@@ -117,6 +119,13 @@ def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: 
     env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, rollout_steps, seed)
     rng = np.random.default_rng(seed)
     errs = {t: [0.0, 0.0, 0.0, 0] for t in tasks}
+    keys = [k for k, _ in env.observation_spec]
+    ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
+    by_key = {t: ({k: 0.0 for k in keys}, {k: 0.0 for k in keys}) for t in tasks}  # (reset, step)
+
+    def record(per_key, diff):
+        for k, part in zip(keys, np.split(diff, ends[:-1])):
+            per_key[k] = max(per_key[k], float(np.max(part)))
     dm_envs = {t: load_dm_control(t, seed) for t in tasks}
     for states in snapshots:
         actions = rng.uniform(-1, 1, (len(lanes), env.action_size)).astype(np.float32)
@@ -126,12 +135,17 @@ def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: 
             dm_env.reset()
             obs_dm = copy_state_into(dm_env, env, states, lane)
             e = errs[task]
-            e[0] = max(e[0], float(np.max(np.abs(np.asarray(states.obs[lane]) - obs_dm))))
+            diff = np.abs(np.asarray(states.obs[lane]) - obs_dm)
+            e[0] = max(e[0], float(np.max(diff)))
+            record(by_key[task][0], diff)
             ts = dm_env.step(env.ctrl_from_action(actions[lane]))
-            e[1] = max(e[1], float(np.max(np.abs(np.asarray(stepped.obs[lane]) - flat_dm_observation(ts.observation)))))
+            diff = np.abs(np.asarray(stepped.obs[lane]) - flat_dm_observation(ts.observation))
+            e[1] = max(e[1], float(np.max(diff)))
+            record(by_key[task][1], diff)
             e[2] = max(e[2], abs(float(stepped.reward[lane]) - float(ts.reward)))
             e[3] += 1
-    return [ParityResult(t, *errs[t]) for t in tasks]
+    return [ParityResult(t, *errs[t], reset_obs_err_by_key=by_key[t][0], step_obs_err_by_key=by_key[t][1])
+            for t in tasks]
 
 
 def trajectory_divergence(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, steps: int = 200,

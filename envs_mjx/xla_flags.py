@@ -30,3 +30,11 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     return path
+
+
+# Per-program options (a domain's `compiler_options`, applied by `Env.jit`), not process-wide flags. XLA's CPU
+# fusion emitters split a fusion into subgraph functions that LLVM inlines at every use; for dog's kinematics that
+# turns one kernel's 150 kB of IR into 28 MB, which LLVM's register allocator did not finish in 10 minutes, and
+# swimmer's step ran 28x slower at batch 100 than with the legacy emitters (docs/envs/dog.md, swimmer.md). Not
+# process-wide: the legacy emitters compiled the quickstart's training program more slowly and ran it ~15% slower.
+LEGACY_CPU_FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": False}

@@ -70,8 +70,8 @@ class DomainProgram:
         self.num_seeds, self.num_tasks = len(spec.seeds), len(tasks)
         self.task_params = [self.env.task_params(t.split("-", 1)[1]) for t in tasks]
         self.held_out_capacity = max(1, math.ceil(spec.train.capacity * spec.train.holdout_fraction))
-        self.chunk = jax.jit(self._chunk, donate_argnums=0)
-        self.evaluate = jax.jit(self._evaluate)
+        self.chunk = self.env.jit(self._chunk, donate_argnums=0)
+        self.evaluate = self.env.jit(self._evaluate)
 
     # ------------------------------------------------------------------------------------------ init
     def _init_lane(self, key: jax.Array, params) -> Lane:
@@ -95,7 +95,7 @@ class DomainProgram:
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), per_task)
 
     def init(self) -> DomainState:
-        lanes = jax.jit(jax.vmap(jax.vmap(self._init_lane)))(self.lane_keys(), self.stacked_params())
+        lanes = self.env.jit(jax.vmap(jax.vmap(self._init_lane)))(self.lane_keys(), self.stacked_params())
         return DomainState(lanes=lanes, step=jnp.zeros((), jnp.int32))
 
     def abstract_state(self) -> DomainState:
