@@ -216,7 +216,7 @@ class Env:
         self.observation_size = int(sum(int(np.prod(s)) for _, s in self.observation_spec))
 
     def jit(self, fun: Callable, **jit_kwargs) -> Callable:
-        """`jax.jit` with the compiler options this domain's physics needs (dog on the CPU). Use it, or pass
+        """`jax.jit` with the compiler options this domain's physics needs (dog and swimmer on the CPU). Use it, or pass
         `compiler_options=env.domain.compiler_options`, for any program that steps or resets this env."""
         return jax.jit(fun, compiler_options=dict(self.domain.compiler_options) or None, **jit_kwargs)
 
