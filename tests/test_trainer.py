@@ -1,5 +1,6 @@
 """The fused trainer end to end on a tiny spec: equivalences, resume, faults, bad input."""
 
+import contextlib
 import json
 import logging
 import os
@@ -35,9 +36,9 @@ def _rows(run_dir):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "full")
+@contextlib.contextmanager
+def compile_log():
+    """The messages jax logs about compiling (and about hits in the persistent compilation cache) meanwhile."""
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -45,10 +46,17 @@ def full_run(tmp_path_factory):
     logger.addHandler(handler)
     jax.config.update("jax_log_compiles", True)
     try:
-        summary = run.train(tiny(), out, progress=False)
+        yield records
     finally:
         jax.config.update("jax_log_compiles", False)
         logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "full")
+    with compile_log() as records:
+        summary = run.train(tiny(), out, progress=False)
     return out, summary, records
 
 
@@ -87,9 +95,14 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
     assert first["status"] == "interrupted" and first["step"] == 20
     # A killed, half-written checkpoint must never be picked over the last good one.
     os.makedirs(os.path.join(out, "checkpoints", "40.orbax-checkpoint-tmp-1234"))
-    resumed = run.resume(out, progress=False)
+    with compile_log() as records:
+        resumed = run.resume(out, progress=False)
     assert resumed["status"] == "complete"
     assert _rows(out) == _rows(out_full)
+    # The restored state is placed as a fresh one is, so the programs compiled before the interruption (here, in
+    # the persistent compilation cache that conftest enables) serve the resumed run instead of being rebuilt.
+    for name in ("jit__chunk", "jit__evaluate"):
+        assert any(f"cache hit for '{name}'" in m for m in records), [m for m in records if name in m][:3]
 
 
 @pytest.mark.parametrize("change,message", [

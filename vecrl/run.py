@@ -154,6 +154,9 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
                        "device": str(jax.devices()[0].device_kind)}, f, indent=2)
         states = {d: p.init() for d, p in programs.items()}
         step, wall_offset = 0, 0.0
+    # Orbax restores committed arrays and a fresh init gives uncommitted ones; the argument shardings are part of
+    # the compilation cache key, so without one placement for both a resumed run recompiles every program.
+    states = jax.device_put(states, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
     t0 = time.perf_counter()
     compiled = {}
