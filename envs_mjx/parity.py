@@ -24,12 +24,18 @@ from envs_mjx.registry import get_domain, list_tasks, program_groups, split_name
 @dataclasses.dataclass
 class ParityResult:
     task: str
-    reset_obs_err: float  # max |obs_mjx - obs_dm| right after copying the state in
-    step_obs_err: float  # max |obs| difference after one control step
+    reset_obs_err_by_key: dict[str, float]  # per obs key: max |obs_mjx - obs_dm| right after copying the state in
+    step_obs_err_by_key: dict[str, float]  # per obs key: max |obs| difference after one control step
     step_reward_err: float  # max |reward| difference after one control step
     n_states: int
-    step_obs_err_by_key: dict[str, float] = dataclasses.field(default_factory=dict)  # step_obs_err per obs key
-    reset_obs_err_by_key: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def reset_obs_err(self) -> float:
+        return max(self.reset_obs_err_by_key.values())
+
+    @property
+    def step_obs_err(self) -> float:
+        return max(self.step_obs_err_by_key.values())
 
 
 @dataclasses.dataclass
@@ -118,10 +124,10 @@ def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: 
     tasks = groups[0]
     env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, rollout_steps, seed)
     rng = np.random.default_rng(seed)
-    errs = {t: [0.0, 0.0, 0.0, 0] for t in tasks}
     keys = [k for k, _ in env.observation_spec]
     ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
-    by_key = {t: ({k: 0.0 for k in keys}, {k: 0.0 for k in keys}) for t in tasks}  # (reset, step)
+    obs_errs = {t: ({k: 0.0 for k in keys}, {k: 0.0 for k in keys}) for t in tasks}  # (reset, step) per key
+    reward_err, n_states = dict.fromkeys(tasks, 0.0), dict.fromkeys(tasks, 0)
 
     def record(per_key, diff):
         for k, part in zip(keys, np.split(diff, ends[:-1])):
@@ -134,18 +140,12 @@ def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: 
             dm_env = dm_envs[task]
             dm_env.reset()
             obs_dm = copy_state_into(dm_env, env, states, lane)
-            e = errs[task]
-            diff = np.abs(np.asarray(states.obs[lane]) - obs_dm)
-            e[0] = max(e[0], float(np.max(diff)))
-            record(by_key[task][0], diff)
+            record(obs_errs[task][0], np.abs(np.asarray(states.obs[lane]) - obs_dm))
             ts = dm_env.step(env.ctrl_from_action(actions[lane]))
-            diff = np.abs(np.asarray(stepped.obs[lane]) - flat_dm_observation(ts.observation))
-            e[1] = max(e[1], float(np.max(diff)))
-            record(by_key[task][1], diff)
-            e[2] = max(e[2], abs(float(stepped.reward[lane]) - float(ts.reward)))
-            e[3] += 1
-    return [ParityResult(t, *errs[t], reset_obs_err_by_key=by_key[t][0], step_obs_err_by_key=by_key[t][1])
-            for t in tasks]
+            record(obs_errs[task][1], np.abs(np.asarray(stepped.obs[lane]) - flat_dm_observation(ts.observation)))
+            reward_err[task] = max(reward_err[task], abs(float(stepped.reward[lane]) - float(ts.reward)))
+            n_states[task] += 1
+    return [ParityResult(t, *obs_errs[t], reward_err[t], n_states[t]) for t in tasks]
 
 
 def trajectory_divergence(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, steps: int = 200,
