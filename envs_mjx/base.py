@@ -214,6 +214,11 @@ class Env:
         shapes = jax.eval_shape(observation_values, self._dummy_data(), self._dummy_task_state(), self.params)
         self.observation_spec = tuple((k, tuple(v.shape)) for k, v in zip(keys, shapes))
         self.observation_size = int(sum(int(np.prod(s)) for _, s in self.observation_spec))
+        # Jitted once per Env (and `make` returns one Env per task and action repeat): every program that calls
+        # them (a trainer's chunk and evaluation, each spec of a test run) reuses one traced jaxpr of MJX instead
+        # of tracing the physics again, which takes seconds to minutes per trace. XLA inlines the calls.
+        for name in ("reset", "restore", "step"):
+            setattr(self, name, jax.jit(getattr(self, name)))
 
     def jit(self, fun: Callable, **jit_kwargs) -> Callable:
         """`jax.jit` with the compiler options this domain's physics needs (dog and swimmer on the CPU). Use it, or pass

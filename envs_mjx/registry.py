@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 
@@ -83,6 +84,14 @@ def available_domains() -> list[str]:
 
 def make(name: str, action_repeat: int = 1) -> Env:
     """The named task as an `Env` (see `envs_mjx.base.Env`). Envs of one domain share their compiled model,
-    so their `reset`/`step` can be vmapped over tasks: reset each lane with `env.task_params(task)`."""
+    so their `reset`/`step` can be vmapped over tasks: reset each lane with `env.task_params(task)`. An Env holds
+    only static things, so one is made per (task, action repeat) and shared, with its traced functions."""
     domain, task = split_name(name)
-    return Env(get_domain(domain, task), task, action_repeat=action_repeat)
+    if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
+        raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
+    return _make(get_domain(domain, task), task, action_repeat)
+
+
+@functools.lru_cache(maxsize=None)
+def _make(domain: Domain, task: str, action_repeat: int) -> Env:
+    return Env(domain, task, action_repeat=action_repeat)

@@ -28,9 +28,9 @@ def test_overestimation_pair_uses_states_far_from_the_time_limit():
 def test_held_out_states_restore_and_feed_the_generalisation_losses():
     program = DomainProgram(tiny(**{"train.holdout_fraction": 0.5}), ["cartpole-balance"])
     state = program.init()
-    lane0 = jax.tree.map(lambda x: x[0, 0], state.lanes)
-    empty = program._generalisation_lane(lane0, state.step)  # pylint: disable=protected-access
-    assert np.isnan(float(empty["td_error/held_out"])) and np.isnan(float(empty["td_error/on_policy"]))
+    generalisation = jax.jit(program._generalisation)  # pylint: disable=protected-access
+    empty = generalisation(state.lanes, state.step)
+    assert np.all(np.isnan(empty["td_error/held_out"])) and np.all(np.isnan(empty["td_error/on_policy"]))
 
     for _ in range(2):  # past warm-up: held-out rows from random and from policy actions
         state, _ = program.chunk(state)
@@ -46,8 +46,7 @@ def test_held_out_states_restore_and_feed_the_generalisation_losses():
     np.testing.assert_allclose(stepped.reward, rows["reward"], atol=1e-5)
     np.testing.assert_allclose(stepped.obs, rows["next_obs"], atol=1e-5)
 
-    losses = jax.jit(jax.vmap(jax.vmap(program._generalisation_lane, in_axes=(0, None)),  # pylint: disable=protected-access
-                              in_axes=(0, None)))(state.lanes, state.step)
+    losses = generalisation(state.lanes, state.step)
     for key in ("td_error/train", "td_error/held_out", "td_error/on_policy"):
         assert np.all(np.isfinite(np.asarray(losses[key]))) and np.all(np.asarray(losses[key]) > 0), key
     # On-policy rows take the target policy's actions, not the stored ones: their loss differs.

@@ -72,6 +72,7 @@ class DomainProgram:
         self.held_out_capacity = max(1, math.ceil(spec.train.capacity * spec.train.holdout_fraction))
         self.chunk = self.env.jit(self._chunk, donate_argnums=0)
         self.evaluate = self.env.jit(self._evaluate)
+        self._abstract_state = None
 
     # ------------------------------------------------------------------------------------------ init
     def _init_lane(self, key: jax.Array, params) -> Lane:
@@ -94,24 +95,26 @@ class DomainProgram:
         per_task = jax.tree.map(lambda *x: jnp.stack(x), *self.task_params)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_seeds, *x.shape)), per_task)
 
-    def init(self) -> DomainState:
-        lanes = self.env.jit(jax.vmap(jax.vmap(self._init_lane)))(self.lane_keys(), self.stacked_params())
+    def _init_lanes(self, keys: jax.Array, params) -> DomainState:
+        lanes = vmap_leading(self._init_lane, 2, keys, params)
         return DomainState(lanes=lanes, step=jnp.zeros((), jnp.int32))
 
+    def init(self) -> DomainState:
+        return self.env.jit(self._init_lanes)(self.lane_keys(), self.stacked_params())
+
     def abstract_state(self) -> DomainState:
-        return jax.eval_shape(self.init)
+        # Shapes only, traced without `Env.jit`: a domain's compiler options are refused on a jit nested inside
+        # another transformation (eval_shape), and tracing needs none. Tracing a reset takes seconds: once.
+        if self._abstract_state is None:
+            self._abstract_state = jax.eval_shape(self._init_lanes, self.lane_keys(), self.stacked_params())
+        return self._abstract_state
 
     # ----------------------------------------------------------------------------------------- chunk
-    def _lane_step(self, lane: Lane, t: jax.Array):
-        cfg, env, agent = self.train, self.env, self.agent
-        key, k_act, k_hold, k_update, k_reset = jax.random.split(lane.key, 5)
+    def _collect(self, lane: Lane, action: jax.Array, k_hold: jax.Array):
+        """One lane's env step and buffer inserts; the episode's return so far, before any episode reset."""
+        cfg, env = self.train, self.env
         obs = lane.env.obs
-        action = jax.lax.cond(
-            t < cfg.warmup_steps,
-            lambda: jax.random.uniform(k_act, (env.action_size,), minval=-1.0, maxval=1.0),
-            lambda: agent.act(lane.agent, obs, k_act, True))
         env_state = env.step(lane.env, action)
-
         # A NaN from the physics (flagged by the env) or from a diverged policy never enters a buffer.
         ok = ~env_state.nan & jnp.all(jnp.isfinite(action))
         held = jax.random.uniform(k_hold) < cfg.holdout_fraction
@@ -123,98 +126,151 @@ class DomainProgram:
                "mask": 1.0 - env_state.done.astype(jnp.float32), "qpos": d.qpos, "qvel": d.qvel, "act": d.act,
                "task_state": lane.env.task_state}
         held_out = replay.held_out_add(lane.held_out, row, ok & held)
+        episode_return = lane.episode_return + jnp.where(ok, env_state.reward, 0.0)
+        return (lane.replace(buffer=buffer, held_out=held_out, env=env_state, episode_return=episode_return),
+                lane.env.nan | env_state.nan)
 
-        def update(agent_state):
-            new_state, metrics = agent.update(agent_state, functools.partial(replay.train_buffer_sample, buffer),
-                                              k_update, t)
-            # A diverging update is rejected: this lane keeps its last finite agent and is flagged.
-            finite = _all_finite(metrics) & _all_finite(new_state)
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, agent_state)
-            return new_state, metrics, ~finite
+    def _update_lane(self, agent_state, buffer: replay.TrainBuffer, key: jax.Array, t: jax.Array):
+        new_state, metrics = self.agent.update(agent_state, functools.partial(replay.train_buffer_sample, buffer),
+                                               key, t)
+        # A diverging update is rejected: this lane keeps its last finite agent and is flagged.
+        finite = _all_finite(metrics) & _all_finite(new_state)
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, agent_state)
+        return new_state, metrics, ~finite
+
+    def _step_lanes(self, lanes: Lane, t: jax.Array):
+        """One agent step of every lane ([seed, task] leading axes). Each schedule is a `lax.cond` on the unbatched
+        step taken outside the lane vmaps: a real branch, and traced once rather than re-batched per vmap level."""
+        cfg, env, agent = self.train, self.env, self.agent
+        lanes_map = lambda f, *args: vmap_leading(f, 2, *args)  # noqa: E731  (one vmap over [seed, task])
+        keys = lanes_map(lambda k: jax.random.split(k, 5), lanes.key)
+        key, k_act, k_hold, k_update, k_reset = (keys[:, :, i] for i in range(5))
+        action = jax.lax.cond(
+            t < cfg.warmup_steps,
+            lambda: lanes_map(lambda k: jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0), k_act),
+            lambda: lanes_map(lambda a, o, k: agent.act(a, o, k, True), lanes.agent, lanes.env.obs, k_act))
+        lanes, env_nan = lanes_map(self._collect, lanes, action, k_hold)
 
         def no_update(agent_state):
-            return agent_state, {k: jnp.zeros(()) for k in agent.metric_names}, jnp.asarray(False)
+            zeros = jnp.zeros((self.num_seeds, self.num_tasks))
+            return agent_state, {k: zeros for k in agent.metric_names}, zeros.astype(bool)
 
-        agent_state, metrics, rejected = jax.lax.cond(t + 1 > cfg.warmup_steps, update, no_update, lane.agent)
+        agent_state, metrics, rejected = jax.lax.cond(
+            t + 1 > cfg.warmup_steps,
+            lambda a: lanes_map(lambda a, b, k: self._update_lane(a, b, k, t), a, lanes.buffer, k_update),
+            no_update, lanes.agent)
         if cfg.reset_every:
             # A fresh agent from a key of its own, so that resets leave every other random stream unchanged.
-            k_fresh = jax.random.fold_in(k_update, 1)
-            fresh = agent.init if agent.reset is None else functools.partial(agent.reset, agent_state)
-            agent_state = jax.lax.cond((t + 1) % cfg.reset_every == 0, lambda: fresh(k_fresh), lambda: agent_state)
+            fresh = agent.init if agent.reset is None else agent.reset
+            fresh_args = (k_update,) if agent.reset is None else (agent_state, k_update)
+            agent_state = jax.lax.cond(
+                (t + 1) % cfg.reset_every == 0,
+                lambda: lanes_map(lambda *a: fresh(*a[:-1], jax.random.fold_in(a[-1], 1)), *fresh_args),
+                lambda: agent_state)
 
-        episode_return = lane.episode_return + jnp.where(ok, env_state.reward, 0.0)
         episode_over = (t + 1) % env.episode_length == 0  # every lane's episode ends on the same step
         env_state, next_return = jax.lax.cond(
-            episode_over, lambda: (env.reset(k_reset, lane.env.params), jnp.zeros(())),
-            lambda: (env_state, episode_return))
-        out = {"return": jnp.where(episode_over, episode_return, jnp.nan), "env_nan": lane.env.nan | env_state.nan,
+            episode_over,
+            lambda: (lanes_map(env.reset, k_reset, lanes.env.params), jnp.zeros_like(lanes.episode_return)),
+            lambda: (lanes.env, lanes.episode_return))
+        out = {"return": jnp.where(episode_over, lanes.episode_return, jnp.nan), "env_nan": env_nan,
                "rejected_update": rejected, "metrics": metrics}
-        lane = lane.replace(agent=agent_state, buffer=buffer, held_out=held_out, env=env_state, key=key,
-                            episode_return=next_return)
-        return lane, out
+        lanes = lanes.replace(agent=agent_state, env=env_state, key=key, episode_return=next_return)
+        return lanes, out
 
     def _chunk(self, state: DomainState):
         chex.assert_shape(state.lanes.episode_return, (self.num_seeds, self.num_tasks))
-        step_all = jax.vmap(jax.vmap(self._lane_step, in_axes=(0, None)), in_axes=(0, None))
 
         def body(carry, _):
             lanes, t = carry
-            lanes, out = step_all(lanes, t)
+            lanes, out = self._step_lanes(lanes, t)
             return (lanes, t + 1), out
 
         (lanes, step), outputs = jax.lax.scan(body, (state.lanes, state.step), None, length=self.train.chunk_steps)
         return DomainState(lanes=lanes, step=step), outputs  # outputs: [K, seed, task, ...]
 
     # -------------------------------------------------------------------------------------- evaluate
-    def _eval_lane(self, lane: Lane, step: jax.Array) -> dict[str, jax.Array]:
-        """Deterministic-policy episodes, and the critic's value Q(s, pi(s)) at each state they visit."""
+    def _eval_episodes(self, lanes: Lane, step: jax.Array) -> dict[str, jax.Array]:
+        """Deterministic-policy episodes of every lane, and the critic's value Q(s, pi(s)) at each state they visit.
+        The physics runs as one vmap over [seed, task, episode], the policy as one over [seed, task]."""
         env, agent, n = self.env, self.agent, self.train.eval_episodes
-        k_reset, k_act = jax.random.split(jax.random.fold_in(lane.eval_key, step))
-        states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, n), lane.env.params)
+
+        def lane_keys(eval_key):
+            k_reset, k_act = jax.random.split(jax.random.fold_in(eval_key, step))
+            return jax.random.split(k_reset, n), jax.random.split(k_act, env.episode_length)
+
+        reset_keys, step_keys = vmap_leading(lane_keys, 2, lanes.eval_key)  # [seed, task, n], [seed, task, T]
+        states = vmap_leading(env.reset, 3, reset_keys, per_row(lanes.env.params, n))
+
+        def policy(agent_state, obs, k):  # one lane's n episodes
+            k_act, k_value = jax.random.split(k)
+            actions = jax.vmap(lambda o, kk: agent.act(agent_state, o, kk, False))(obs, jax.random.split(k_act, n))
+            values = jax.vmap(lambda o, kk: agent.value(agent_state, o, kk))(obs, jax.random.split(k_value, n))
+            return actions, values
 
         def body(states, k):
-            k_act, k_value = jax.random.split(k)
-            actions = jax.vmap(lambda o, kk: agent.act(lane.agent, o, kk, False))(states.obs, jax.random.split(k_act, n))
-            values = jax.vmap(lambda o, kk: agent.value(lane.agent, o, kk))(states.obs, jax.random.split(k_value, n))
-            states = jax.vmap(env.step)(states, actions)
+            actions, values = vmap_leading(policy, 2, lanes.agent, states.obs, k)
+            states = vmap_leading(env.step, 3, states, actions)
             return states, (states.reward, values)
 
-        _, (rewards, values) = jax.lax.scan(body, states, jax.random.split(k_act, env.episode_length))
-        q_pred, q_mc = overestimation_pair(rewards, values, agent.gamma)
+        _, (rewards, values) = jax.lax.scan(body, states, jnp.moveaxis(step_keys, 2, 0))  # [T, seed, task, n]
+        q_pred, q_mc = vmap_leading(lambda r, v: overestimation_pair(r, v, agent.gamma), 2,
+                                    jnp.moveaxis(rewards, 0, 2), jnp.moveaxis(values, 0, 2))
         return {"eval_return": jnp.sum(rewards, axis=0), "q_pred": q_pred, "q_mc": q_mc}
 
-    def _generalisation_lane(self, lane: Lane, step: jax.Array) -> dict[str, jax.Array]:
+    def _generalisation(self, lanes: Lane, step: jax.Array) -> dict[str, jax.Array]:
         """The critic's squared TD error on training transitions, on held-out transitions, and on on-policy held-out
         transitions: the simulator restored to each held-out state and stepped with the target policy's action
-        (paper Fig. 2 left). NaN for the held-out losses while the held-out buffer is empty."""
+        (paper Fig. 2 left). NaN for the held-out losses while the held-out buffer is empty. [seed, task] each."""
         env, agent, rows = self.env, self.agent, self.train.diagnostic_rows
-        k_train, k_held, k_target, k_loss = jax.random.split(
-            jax.random.fold_in(jax.random.fold_in(lane.eval_key, step), 1), 4)
         transitions = ("obs", "action", "reward", "next_obs", "mask")
-        train = replay.train_buffer_sample(lane.buffer, k_train, (rows,))
-        held = replay.held_out_sample(lane.held_out, k_held, (rows,))
-        actions = jax.vmap(agent.target_action, in_axes=(None, 0, 0))(lane.agent, held["obs"],
-                                                                      jax.random.split(k_target, rows))
-        restored = jax.vmap(env.restore, in_axes=(0, 0, 0, 0, None))(held["qpos"], held["qvel"], held["act"],
-                                                                     held["task_state"], lane.env.params)
-        stepped = jax.vmap(env.step)(restored, actions)
-        on_policy = {"obs": held["obs"], "action": actions, "reward": stepped.reward, "next_obs": stepped.obs,
-                     "mask": held["mask"] * (1.0 - stepped.nan.astype(jnp.float32))}
-        k1, k2, k3 = jax.random.split(k_loss, 3)
-        empty = jnp.where(lane.held_out.size() > 0, 0.0, jnp.nan)
-        return {"td_error/train": agent.td_error(lane.agent, train, k1),
-                "td_error/held_out": agent.td_error(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
-                "td_error/on_policy": agent.td_error(lane.agent, on_policy, k3) + empty}
+
+        def draw(lane):
+            k_train, k_held, k_target, k_loss = jax.random.split(
+                jax.random.fold_in(jax.random.fold_in(lane.eval_key, step), 1), 4)
+            train = replay.train_buffer_sample(lane.buffer, k_train, (rows,))
+            held = replay.held_out_sample(lane.held_out, k_held, (rows,))
+            actions = jax.vmap(agent.target_action, in_axes=(None, 0, 0))(lane.agent, held["obs"],
+                                                                          jax.random.split(k_target, rows))
+            return train, held, actions, k_loss
+
+        train, held, actions, k_loss = vmap_leading(draw, 2, lanes)
+        restored = vmap_leading(env.restore, 3, held["qpos"], held["qvel"], held["act"], held["task_state"],
+                                per_row(lanes.env.params, rows))
+        stepped = vmap_leading(env.step, 3, restored, actions)
+
+        def losses(lane, train, held, actions, stepped, k_loss):
+            on_policy = {"obs": held["obs"], "action": actions, "reward": stepped.reward, "next_obs": stepped.obs,
+                         "mask": held["mask"] * (1.0 - stepped.nan.astype(jnp.float32))}
+            k1, k2, k3 = jax.random.split(k_loss, 3)
+            empty = jnp.where(lane.held_out.size() > 0, 0.0, jnp.nan)
+            return {"td_error/train": agent.td_error(lane.agent, train, k1),
+                    "td_error/held_out": agent.td_error(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
+                    "td_error/on_policy": agent.td_error(lane.agent, on_policy, k3) + empty}
+
+        return vmap_leading(losses, 2, lanes, train, held, actions, stepped, k_loss)
 
     def _evaluate(self, state: DomainState) -> dict[str, jax.Array]:
         """Evaluation and diagnostics for every lane: "eval_return" [seed, task, episodes]; the rest [seed, task]."""
-        def lane_fn(lane, step):
-            out = self._eval_lane(lane, step)
-            if self.train.diagnostic_rows:
-                out.update(self._generalisation_lane(lane, step))
-            return out
+        out = self._eval_episodes(state.lanes, state.step)
+        if self.train.diagnostic_rows:
+            out.update(self._generalisation(state.lanes, state.step))
+        return out
 
-        return jax.vmap(jax.vmap(lane_fn, in_axes=(0, None)), in_axes=(0, None))(state.lanes, state.step)
+
+def vmap_leading(f, ndim: int, *args):
+    """`f` mapped over the first `ndim` axes of every array in `args` as one vmap over their product (lanes
+    [seed, task], or lanes and episodes): every batching rule (MJX's while-loops, the agents' scans) then runs once
+    rather than once per axis, which divides tracing time by about the number of axes."""
+    lead = jax.tree.leaves(args)[0].shape[:ndim]
+    size = math.prod(lead)
+    flat = jax.tree.map(lambda x: x.reshape((size, *x.shape[ndim:])), args)
+    return jax.tree.map(lambda x: x.reshape((*lead, *x.shape[1:])), jax.vmap(f)(*flat))
+
+
+def per_row(params, rows: int):
+    """Each lane's task parameters [seed, task, ...] repeated for `rows` rows: [seed, task, rows, ...]."""
+    return jax.tree.map(lambda p: jnp.broadcast_to(p[:, :, None], (*p.shape[:2], rows, *p.shape[2:])), params)
 
 
 def overestimation_pair(rewards: jax.Array, values: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
