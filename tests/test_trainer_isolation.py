@@ -69,6 +69,7 @@ def test_run_folder_and_memory_errors_before_compiling(tmp_path):
         run.train(tiny(), out_full, progress=False)
     with pytest.raises(run.RunError, match="GiB"):
         run.train(tiny(**{"train.capacity": 4_000_000_000, "seeds": 10}), str(tmp_path / "huge"), progress=False)
+    assert not (tmp_path / "huge").exists()  # a run that cannot fit leaves no folder behind
     with pytest.raises(run.RunError, match="different spec"):
         run.resume(out_full, progress=False, spec=tiny(**{"madtd.alpha": 0.1}))
     locked = tmp_path / "locked"

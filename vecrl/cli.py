@@ -61,8 +61,21 @@ def _cmd_spec(args) -> int:
 def _cmd_bench(args) -> int:
     from vecrl import bench, config  # pylint: disable=import-outside-toplevel
 
+    if args.suite == "gpu":
+        from vecrl import gpubench  # pylint: disable=import-outside-toplevel
+
+        if not args.out:
+            raise config.SpecError("--suite gpu needs --out DIR (results are written there as they are measured)")
+        if args.size and len(args.size) > 1:
+            raise config.SpecError("--suite gpu takes one --size (default: paper on an accelerator, quickstart on a CPU)")
+        try:
+            path = gpubench.run_gpu_suite(args.out, args.size[0] if args.size else None)
+        except FileExistsError as e:
+            raise config.SpecError(str(e)) from None
+        print(f"results: {path}")
+        return 0
     spec = config.load_spec(args.spec, args.set or [])
-    bench.run_bench(spec, args.seeds, args.size, args.chunks, args.chunk_steps, args.jsonl)
+    bench.run_bench(spec, args.seeds, args.size or ["quickstart", "paper"], args.chunks, args.chunk_steps, args.jsonl)
     return 0
 
 
@@ -82,6 +95,28 @@ def _cmd_memory(args) -> int:
     available, what = run.available_memory()
     print(f"total      {total / 2**30:7.2f} GiB of run state; {available / 2**30:.1f} GiB of {what} available")
     return 0
+
+
+def _cmd_check(args) -> int:
+    from vecrl import config, run  # pylint: disable=import-outside-toplevel
+
+    names = args.specs or [config.DEFAULT_SPEC]
+    if names == ["all"]:
+        names = config.shipped_specs()
+    specs = [config.load_spec(n, args.set or []) for n in names]  # every spec valid before any tracing
+    failed = 0
+    for spec in specs:
+        try:
+            result = run.check(spec)
+        except Exception as e:  # pylint: disable=broad-except  (a checker reports every spec's failure and goes on)
+            print(f"{spec.name}: FAILS: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            failed += 1
+            continue
+        parts = [f"{d} ({len(v['tasks'])} task(s) x {len(spec.seeds)} seed(s)) {v['state_bytes'] / 2**30:.2f} GiB, "
+                 f"lowered in {v['lowered_s']:.0f} s" for d, v in result["domains"].items()]
+        fits = f"; does not fit here: {result['shortfall']}" if result["shortfall"] else "; fits here"
+        print(f"{spec.name}: starts: " + "; ".join(parts) + fits, flush=True)
+    return 1 if failed else 0
 
 
 def _cmd_report(args) -> int:
@@ -125,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help="spec whose first domain, agent and action repeat are used")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 5, 10, 20])
-    p.add_argument("--size", nargs="+", choices=["quickstart", "paper"], default=["quickstart", "paper"])
+    p.add_argument("--suite", choices=["seeds", "gpu"], default="seeds",
+                   help="seeds: throughput vs number of seeds (default); gpu: the prepared accelerator benchmark "
+                        "(physics latency, paper-size MAD-TD for 1 and 10 seeds, FLOP/s, memory, hard-suite projection)")
+    p.add_argument("--out", help="--suite gpu: folder for gpu-bench.jsonl")
+    p.add_argument("--size", nargs="+", choices=["quickstart", "paper"],
+                   help="network and update sizes (default: both; --suite gpu: paper on an accelerator, else quickstart)")
     p.add_argument("--chunks", type=int, default=3, help="timed chunks of updates per measurement")
     p.add_argument("--chunk-steps", type=int, default=50)
     p.add_argument("--jsonl", help="append the results to this file")
@@ -135,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("check", help="check that specs start: state shaped, memory, programs lowered (no compiling)")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="spec names or .toml paths, or `all` for every spec in runs/")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("report", help="curves, aggregate scores, regret and diagnostics of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (in progress, stopped or complete)")

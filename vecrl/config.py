@@ -180,13 +180,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def shipped_specs() -> list[str]:
+    """The names of the specs in runs/."""
+    return sorted(f[:-5] for f in os.listdir(RUNS_DIR) if f.endswith(".toml")) if os.path.isdir(RUNS_DIR) else []
+
+
 def spec_path(name_or_path: str) -> str:
     if os.path.exists(name_or_path):
         return name_or_path
     candidate = os.path.join(RUNS_DIR, f"{name_or_path}.toml")
     if os.path.exists(candidate):
         return candidate
-    known = sorted(f[:-5] for f in os.listdir(RUNS_DIR) if f.endswith(".toml")) if os.path.isdir(RUNS_DIR) else []
+    known = shipped_specs()
     raise SpecError(f"no spec {name_or_path!r} (not a file, not in runs/).{_closest(name_or_path, known)} "
                     f"Specs in runs/: {', '.join(known)}")
 

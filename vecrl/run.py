@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -15,6 +16,7 @@ import envs_mjx
 from vecrl import config as config_lib
 from vecrl.checkpoint import CheckpointError, Checkpoints
 from vecrl.config import RunSpec, SpecError
+from vecrl.flops import host_matmul_flops_per_s, traced_matmul_flops
 from vecrl.metrics import MetricsWriter, Progress
 from vecrl.train import DomainProgram
 
@@ -26,11 +28,16 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ run folder
-def prepare_run_dir(path: str, resume: bool) -> str:
+def refuse_existing_run(path: str, resume: bool) -> None:
     path = os.path.abspath(path)
     if not resume and os.path.exists(path) and os.listdir(path):
         raise RunError(f"{path} already holds a run; nothing there is overwritten. Continue it with "
                        f"`vecrl resume {path}` or choose another --out.")
+
+
+def prepare_run_dir(path: str, resume: bool) -> str:
+    refuse_existing_run(path, resume)
+    path = os.path.abspath(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".write-test")
@@ -63,16 +70,129 @@ def available_memory() -> tuple[int, str]:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free host memory"
 
 
-def check_memory(programs: dict[str, DomainProgram]) -> dict[str, int]:
-    needed = {d: tree_bytes(p.abstract_state()) for d, p in programs.items()}
+def memory_shortfall(needed: dict[str, int]) -> str | None:
+    """Why a run state of `needed` bytes per domain does not fit on this machine, or None when it does."""
     available, what = available_memory()
     total = sum(needed.values())
     # The chunk updates the donated state in place, but the compiled program needs working space besides.
-    if total > 0.8 * available:
-        detail = ", ".join(f"{d}: {b / 2**30:.2f} GiB" for d, b in needed.items())
-        raise RunError(f"the run's state needs {total / 2**30:.2f} GiB ({detail}) but only {available / 2**30:.2f} GiB "
-                       f"of {what} is available: lower the number of seeds, tasks or train.capacity")
+    if total <= 0.8 * available:
+        return None
+    detail = ", ".join(f"{d}: {b / 2**30:.2f} GiB" for d, b in needed.items())
+    return (f"the run's state needs {total / 2**30:.2f} GiB ({detail}) but only {available / 2**30:.2f} GiB "
+            f"of {what} is available: lower the number of seeds, tasks or train.capacity, or run it on a machine "
+            "with more memory")
+
+
+def check_memory(programs: dict[str, DomainProgram]) -> dict[str, int]:
+    needed = {d: tree_bytes(p.abstract_state()) for d, p in programs.items()}
+    shortfall = memory_shortfall(needed)
+    if shortfall:
+        raise RunError(shortfall)
     return needed
+
+
+def check_ported(spec: RunSpec) -> None:
+    available = envs_mjx.available_domains()
+    unported = [t for t in spec.tasks if t.split("-")[0] not in available]
+    if unported:
+        raise RunError(f"{', '.join(unported)}: not ported to MJX yet (see envs_mjx/README.md); available domains: "
+                       f"{', '.join(available)}")
+
+
+def check(spec: RunSpec) -> dict:
+    """What a run of `spec` does before compiling, without compiling: every domain's run state shaped, its memory
+    set against this machine's, and its training chunk and evaluation programs lowered (traced into XLA). Errors
+    in the spec or the programs surface here, in seconds to minutes rather than after a queue wait on a cluster.
+    Returns per domain: tasks, state bytes, lowering seconds; and `shortfall`, why it would not fit here (or None)."""
+    check_ported(spec)
+    domains = {}
+    for d, tasks in spec.domains().items():
+        t0 = time.perf_counter()
+        program = DomainProgram(spec, tasks)
+        state = program.abstract_state()
+        program.chunk.lower(state)
+        program.evaluate.lower(state)
+        domains[d] = {"tasks": list(tasks), "state_bytes": tree_bytes(state),
+                      "lowered_s": round(time.perf_counter() - t0, 1)}
+    return {"domains": domains, "shortfall": memory_shortfall({d: v["state_bytes"] for d, v in domains.items()})}
+
+
+# ------------------------------------------------------------------------------------- what is happening
+def note(text: str) -> None:
+    """A line for the person at the terminal (stderr, so that it never mixes with a command's output)."""
+    print(f"vecrl: {text}", file=sys.stderr, flush=True)
+
+
+def device_description() -> str:
+    device = jax.devices()[0]
+    more = f" (and {len(jax.devices()) - 1} more)" if len(jax.devices()) > 1 else ""
+    return f"{jax.default_backend()} device {device.device_kind}{more}, jax {jax.__version__}"
+
+
+def compile_programs(programs: dict[str, DomainProgram], states: dict, say=note):
+    """Each domain's chunk and evaluation programs compiled, saying what compiles and how long it took; also the
+    matmul FLOPs of one agent step of each domain's chunk (all lanes; see `vecrl.flops`)."""
+    compiled, flops = {}, {}
+    cache = jax.config.jax_compilation_cache_dir
+    for d, p in programs.items():
+        say(f"compiling {d} ({len(p.tasks)} task(s) x {p.num_seeds} seed(s)): training chunk and evaluation ...")
+        t0 = time.perf_counter()
+        traced = p.chunk.trace(states[d])
+        flops[d] = traced_matmul_flops(traced) / p.train.chunk_steps
+        compiled[d] = (traced.lower().compile(), p.evaluate.lower(states[d]).compile())
+        say(f"compiled {d} in {time.perf_counter() - t0:.0f} s")
+    if cache:
+        say(f"compiled programs are kept in {cache}: the next start of the same programs on this machine (a resume, "
+            "a rerun) loads them instead of compiling")
+    return compiled, flops
+
+
+# A CPU run projected to take longer than this is refused nothing, but told so before it starts.
+CPU_WARNING_SECONDS = 24 * 3600
+
+
+def warn_if_accelerator_sized(spec: RunSpec, flops_per_step: float, step: int, say=note) -> None:
+    """On a CPU, a lower bound of the run's time from its matmul FLOPs and this CPU's measured matmul rate, said
+    when it exceeds a day: a spec sized for an accelerator then starts with a warning, not silently."""
+    rate = host_matmul_flops_per_s()
+    seconds = flops_per_step * (spec.train.steps - step) / rate
+    if seconds > CPU_WARNING_SECONDS:
+        say(f"WARNING: this spec is sized for an accelerator. One agent step of all seeds is "
+            f"{flops_per_step / 1e9:,.1f} GFLOP of matmuls, and this CPU multiplies at {rate / 1e9:,.0f} GFLOP/s: "
+            f"the run would take at least {format_duration(seconds)} here. Stop it (Ctrl-C saves a checkpoint) and "
+            "run it on a GPU (README: GPU), or lower the sizes with --set.")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+class Projection:
+    """The projected wall time of the rest of the run, said after the first chunk with updates (the steady rate;
+    warm-up chunks take random actions and do not update), and again when the rate changes by a factor of 2."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec, self.said_rate = spec, None
+
+    def chunk_done(self, step: int, seconds: float, say=note) -> None:
+        train = self.spec.train
+        if step - train.chunk_steps < train.warmup_steps or step >= train.steps:
+            return
+        rate = train.chunk_steps / seconds
+        if self.said_rate is not None and 0.5 < rate / self.said_rate < 2:
+            return
+        self.said_rate = rate
+        remaining = (train.steps - step) / rate
+        where = " on a CPU: this spec is sized for an accelerator" if (
+            jax.default_backend() == "cpu" and remaining > CPU_WARNING_SECONDS) else ""
+        say(f"{rate:,.2f} agent steps/s per seed with updates; projected time to step {train.steps:,}: "
+            f"{format_duration(remaining)}{where}")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -128,14 +248,13 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
             stop_after_chunks: int | None = None) -> dict:
     """Train `spec` in `run_dir` (fresh, or resumed from its last checkpoint). Returns the summary.
     `stop_after_chunks` interrupts after that many chunks as a signal would (for tests of resume)."""
-    available = envs_mjx.available_domains()
-    unported = [t for t in spec.tasks if t.split("-")[0] not in available]
-    if unported:
-        raise RunError(f"{', '.join(unported)}: not ported to MJX yet (see envs_mjx/README.md); available domains: "
-                       f"{', '.join(available)}")
-    run_dir = prepare_run_dir(run_dir, resume)
+    check_ported(spec)
+    refuse_existing_run(run_dir, resume)
+    note(f"{spec.name}: {len(spec.seeds)} seed(s) x {len(spec.tasks)} task(s), {spec.train.steps:,} agent steps, on "
+         f"{device_description()}")
     programs = {d: DomainProgram(spec, tasks) for d, tasks in spec.domains().items()}
-    memory = check_memory(programs)
+    memory = check_memory(programs)  # before the run folder is made: a run that cannot fit leaves nothing behind
+    run_dir = prepare_run_dir(run_dir, resume)
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), spec.train.keep_checkpoints)
     metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
     config_path = os.path.join(run_dir, "config.json")
@@ -159,12 +278,13 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
     states = jax.device_put(states, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
     t0 = time.perf_counter()
-    compiled = {}
-    for d, p in programs.items():
-        compiled[d] = (p.chunk.lower(states[d]).compile(), p.evaluate.lower(states[d]).compile())
+    compiled, flops = compile_programs(programs, states, note)
     compile_s = time.perf_counter() - t0
+    note(f"compiled {len(programs)} domain program(s) in {compile_s:.0f} s; run folder {run_dir}")
+    if jax.default_backend() == "cpu":
+        warn_if_accelerator_sized(spec, sum(flops.values()), step, note)
+    projection = Projection(spec)
     bar = Progress(spec, step, enabled=progress)
-    bar.note(f"compiled {len(programs)} domain program(s) in {compile_s:.1f} s; run folder {run_dir}")
     stop, chunks_done = _Stop(), 0
     status = "complete"
     with stop.installed():
@@ -193,6 +313,7 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
                     rec.update(evaluation[(rec["seed"], rec["task"])])
             metrics.write(records)
             bar.update(spec.train.chunk_steps, records, dt)
+            projection.chunk_done(step, dt, bar.note)
             chunks_done += 1
             interrupted = stop.signal is not None or (stop_after_chunks is not None and chunks_done >= stop_after_chunks)
             due = spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0
