@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from envs_mjx.bench import mjx_rates
-from vecrl.agents.madtd import MadTDConfig
-from vecrl.bench import SIZES
-from vecrl.config import RunSpec, TrainConfig, validate
+from vecrl import config
+from vecrl.bench import bench_spec
+from vecrl.config import RunSpec, validate
 from vecrl.flops import traced_matmul_flops, xla_cost_flops
 from vecrl.train import DomainProgram
 
@@ -59,14 +59,11 @@ def peak_memory_bytes() -> int | None:
 
 
 def training_spec(task: str, seeds: int, size: str, chunk_steps: int, capacity: int) -> RunSpec:
-    """MAD-TD at `size` (vecrl.bench.SIZES) with MPC off, warm-up rounded to whole chunks that leave a batch."""
-    agent = dataclasses.replace(MadTDConfig(), **SIZES["madtd"][size], mpc=False)
-    train = TrainConfig()
-    warmup = -(-int(agent.batch_size / (1 - train.holdout_fraction) + 1) // chunk_steps) * chunk_steps
-    train = TrainConfig(steps=100 * chunk_steps + warmup, warmup_steps=warmup, capacity=max(capacity, 4 * warmup),
-                        chunk_steps=chunk_steps, eval_every=0, checkpoint_every=0)
-    spec = RunSpec(name=f"gpu-bench-{size}-{seeds}", tasks=(task,), seeds=tuple(range(seeds)), agent="madtd",
-                   train=train, madtd=dataclasses.replace(agent, vmax=150.0 * train.action_repeat))
+    """MAD-TD at `size` with MPC off, as `vecrl bench` sizes it (vecrl.bench.bench_spec), with replay `capacity`."""
+    base = config.spec_from_dict({"name": "gpu-bench", "agent": "madtd", "tasks": [task], "madtd": {"mpc": False}})
+    spec = bench_spec(base, seeds, size, chunk_steps)
+    spec = dataclasses.replace(spec, name=f"gpu-bench-{size}-{seeds}",
+                               train=dataclasses.replace(spec.train, capacity=max(capacity, spec.train.capacity)))
     validate(spec)
     return spec
 
