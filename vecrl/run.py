@@ -147,7 +147,7 @@ def compile_programs(programs: dict[str, DomainProgram], states: dict, say=note)
     return compiled, flops
 
 
-# A CPU run projected to take longer than this is refused nothing, but told so before it starts.
+# A CPU run whose lower-bound time exceeds this is warned about before its first chunk (nothing is refused).
 CPU_WARNING_SECONDS = 24 * 3600
 
 
@@ -160,7 +160,7 @@ def warn_if_accelerator_sized(spec: RunSpec, flops_per_step: float, step: int, s
         say(f"WARNING: this spec is sized for an accelerator. One agent step of all seeds is "
             f"{flops_per_step / 1e9:,.1f} GFLOP of matmuls, and this CPU multiplies at {rate / 1e9:,.0f} GFLOP/s: "
             f"the run would take at least {format_duration(seconds)} here. Stop it (Ctrl-C saves a checkpoint) and "
-            "run it on a GPU (README: GPU), or lower the sizes with --set.")
+            "run it on a GPU (README: On a GPU), or lower the sizes with --set.")
 
 
 def format_duration(seconds: float) -> str:

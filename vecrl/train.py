@@ -161,12 +161,12 @@ class DomainProgram:
             no_update, lanes.agent)
         if cfg.reset_every:
             # A fresh agent from a key of its own, so that resets leave every other random stream unchanged.
-            fresh = agent.init if agent.reset is None else agent.reset
-            fresh_args = (k_update,) if agent.reset is None else (agent_state, k_update)
-            agent_state = jax.lax.cond(
-                (t + 1) % cfg.reset_every == 0,
-                lambda: lanes_map(lambda *a: fresh(*a[:-1], jax.random.fold_in(a[-1], 1)), *fresh_args),
-                lambda: agent_state)
+            if agent.reset is None:
+                fresh = lambda: lanes_map(lambda k: agent.init(jax.random.fold_in(k, 1)), k_update)  # noqa: E731
+            else:
+                fresh = lambda: lanes_map(lambda a, k: agent.reset(a, jax.random.fold_in(k, 1)),  # noqa: E731
+                                          agent_state, k_update)
+            agent_state = jax.lax.cond((t + 1) % cfg.reset_every == 0, fresh, lambda: agent_state)
 
         episode_over = (t + 1) % env.episode_length == 0  # every lane's episode ends on the same step
         env_state, next_return = jax.lax.cond(
