@@ -30,7 +30,7 @@ def test_every_shipped_spec_resolves_and_its_state_is_shaped(name):
 
 
 @pytest.mark.parametrize("name", LOWERED)
-def test_spec_programs_lower(name):
+def test_spec_programs_lower(name, release_traces):  # pylint: disable=unused-argument
     spec = config.load_spec(name)
     result = run.check(spec)
     assert set(result["domains"]) == set(spec.domains())

@@ -20,7 +20,7 @@ def test_the_domains_are_those_of_the_hard_suite_and_the_baselines():
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_a_tiny_chunk_trains_on(domain):
+def test_a_tiny_chunk_trains_on(domain, release_traces):  # pylint: disable=unused-argument
     task = next(t for name in config.shipped_specs() for t in config.load_spec(name).tasks
                 if t.split("-")[0] == domain)
     spec = tiny(**{"tasks": [task], "seeds": 2, "train.steps": 24, "train.warmup_steps": 16, "train.chunk_steps": 8,
