@@ -47,12 +47,19 @@ def bench_spec(spec: RunSpec, seeds: int, size: str, chunk_steps: int) -> RunSpe
     return out
 
 
-def measure(spec: RunSpec, chunks: int) -> dict:
+def compiled_chunk(spec: RunSpec):
+    """The spec's (first) domain program, its initial state, the traced chunk and the compiled chunk, and the seconds
+    that tracing, lowering and compiling took."""
     program = DomainProgram(spec, list(spec.tasks))
     state = program.init()
     t0 = time.perf_counter()
-    chunk = program.chunk.lower(state).compile()
-    compile_s = time.perf_counter() - t0
+    traced = program.chunk.trace(state)
+    compiled = traced.lower().compile()
+    return state, traced, compiled, time.perf_counter() - t0
+
+
+def measure(spec: RunSpec, chunks: int) -> dict:
+    state, _, chunk, compile_s = compiled_chunk(spec)
     while int(state.step) < spec.train.warmup_steps:
         state, _ = chunk(state)
     jax.block_until_ready(state)

@@ -25,10 +25,9 @@ import numpy as np
 
 from envs_mjx.bench import mjx_rates
 from vecrl import config
-from vecrl.bench import bench_spec
+from vecrl.bench import bench_spec, compiled_chunk
 from vecrl.config import RunSpec, validate
 from vecrl.flops import traced_matmul_flops, xla_cost_flops
-from vecrl.train import DomainProgram
 
 # What each size measures. Paper: the hard suite's figures. Quickstart: the same code paths, cheap enough for a CPU.
 SUITES = {
@@ -69,13 +68,7 @@ def training_spec(task: str, seeds: int, size: str, chunk_steps: int, capacity: 
 
 
 def measure_training(spec: RunSpec, update_chunks: int) -> dict:
-    program = DomainProgram(spec, list(spec.tasks))
-    state = program.init()
-    t0 = time.perf_counter()
-    traced = program.chunk.trace(state)
-    lowered = traced.lower()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    state, traced, compiled, compile_s = compiled_chunk(spec)
     k = spec.train.chunk_steps
     lanes = len(spec.seeds) * len(spec.tasks)
     warm_times = []
