@@ -55,13 +55,11 @@ def compile_log():
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "full")
-    with compile_log() as records:
-        summary = run.train(tiny(), out, progress=False)
-    return out, summary, records
+    return out, run.train(tiny(), out, progress=False)
 
 
 def test_run_completes_with_metrics_summary_and_config(full_run):
-    out, summary, _ = full_run
+    out, summary = full_run
     assert summary["status"] == "complete" and summary["step"] == 60
     rows = _rows(out)
     assert len(rows) == 3 * 3  # chunks x seeds
@@ -80,21 +78,16 @@ def test_run_completes_with_metrics_summary_and_config(full_run):
         assert os.path.exists(os.path.join(out, name))
 
 
-def test_each_chunk_function_compiles_once(full_run):
-    _, _, logs = full_run
-    chunk_compiles = [m for m in logs if "Compiling" in m and "_chunk" in m]
-    eval_compiles = [m for m in logs if "Compiling" in m and "_evaluate" in m]
-    assert len(chunk_compiles) == 1, chunk_compiles
-    assert len(eval_compiles) == 1, eval_compiles
-
-
 def test_resume_equals_uninterrupted(full_run, tmp_path):
-    out_full, _, _ = full_run
+    out_full, _ = full_run
     out = str(tmp_path / "resumed")
-    first = run.train(tiny(), out, progress=False, stop_after_chunks=1)
-    assert first["status"] == "interrupted" and first["step"] == 20
+    # Cut after 20 agent steps of updates (warm-up ends at step 20): the checkpoint holds trained weights and Adam
+    # moments, so a resume that re-initialised any of them, or lost a random stream, would not match.
+    first = run.train(tiny(), out, progress=False, stop_after_chunks=2)
+    assert first["status"] == "interrupted" and first["step"] == 40
+    assert all(r["loss/critic"] is not None for r in _rows(out) if r["step"] == 40)
     # A killed, half-written checkpoint must never be picked over the last good one.
-    os.makedirs(os.path.join(out, "checkpoints", "40.orbax-checkpoint-tmp-1234"))
+    os.makedirs(os.path.join(out, "checkpoints", "50.orbax-checkpoint-tmp-1234"))
     with compile_log() as records:
         resumed = run.resume(out, progress=False)
     assert resumed["status"] == "complete"

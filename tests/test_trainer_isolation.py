@@ -6,10 +6,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.test_trainer import tiny
-from vecrl import run
+from vecrl import report, run
+from vecrl import train
 from vecrl.train import DomainProgram
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,17 @@ def test_seed_of_many_seed_run_equals_single_seed_run():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_lane_keys_depend_on_the_task_name_not_its_place_in_the_registry(monkeypatch):
+    def keys():
+        return {(seed, task): tuple(np.asarray(jax.random.key_data(train.lane_key(seed, task))).tolist())
+                for seed in (0, 1) for task in ("cartpole-balance", "walker-run")}
+
+    before = keys()
+    assert len(set(before.values())) == 4
+    monkeypatch.setattr(train.envs_mjx, "TASKS", ["a-new-task", *reversed(train.envs_mjx.TASKS)])
+    assert keys() == before
+
+
 def test_nan_in_one_seed_is_contained():
     spec = tiny()
     program = DomainProgram(spec, ["cartpole-balance"])
@@ -51,6 +64,57 @@ def test_nan_in_one_seed_is_contained():
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1:], state.lanes.buffer)),
                     jax.tree.leaves(jax.tree.map(lambda x: x[1:], clean_out.lanes.buffer))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _poison_seed_0(state):
+    """Seed 0's critic Adam second moments made negative: its every update then steps by NaN (the root of a negative
+    number) while all its parameters stay finite, so only the trainer's rejection can keep the lane's agent finite."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+
+    def poison(s):
+        return s._replace(nu=jax.tree.map(lambda v: v.at[0].set(-1e30), s.nu)) if is_adam(s) else s
+
+    agent = state.lanes.agent
+    opt_critic = jax.tree.map(poison, agent.opt_critic, is_leaf=is_adam)
+    return state.replace(lanes=state.lanes.replace(agent=agent.replace(opt_critic=opt_critic)))
+
+
+def test_a_non_finite_update_is_dropped_and_only_its_lane_flagged():
+    program = DomainProgram(tiny(), ["cartpole-balance"])
+    clean = program.init()
+    bad = _poison_seed_0(jax.tree.map(jnp.copy, clean))  # the chunk donates its input: no shared buffers
+    agent_0 = jax.tree.map(lambda x: np.asarray(x[0]), bad.lanes.agent)
+    for _ in range(2):  # the second chunk (steps 20..39) updates on every step
+        clean, _ = program.chunk(clean)
+        bad, out = program.chunk(bad)
+    rejected = np.asarray(out["rejected_update"])[:, :, 0]  # [step, seed]
+    assert rejected[:, 0].all() and not rejected[:, 1:].any()
+    _assert_trees_equal(jax.tree.map(lambda x: x[0], bad.lanes.agent), agent_0)  # every update of seed 0 dropped
+    assert np.all(np.asarray(bad.lanes.buffer.inserted[0]) == 40)  # it still acts and collects
+    _assert_trees_equal(jax.tree.map(lambda x: x[1:], bad.lanes), jax.tree.map(lambda x: x[1:], clean.lanes))
+
+
+def test_a_rejecting_lane_is_flagged_in_metrics_summary_and_report(tmp_path, monkeypatch):
+    fresh_init = DomainProgram.init
+    monkeypatch.setattr(DomainProgram, "init", lambda self: _poison_seed_0(fresh_init(self)))
+    out = str(tmp_path / "run")
+    summary = run.train(tiny(), out, progress=False)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert {(r["step"], r["seed"]): r["rejected_updates"] for r in rows if r["step"] > 20} == {
+        (step, seed): 20 if seed == 0 else 0 for step in (40, 60) for seed in (0, 1, 2)}
+    assert summary["tasks"]["cartpole-balance"]["flagged_seeds"] == [0]
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["tasks"]["cartpole-balance"]["flagged_seeds"] == [0]
+    text = open(report.make_report([out], str(tmp_path / "report"), reps=200)["report"]).read()
+    assert "Flagged seeds (a NaN in the physics or a rejected update): tiny: [0]" in text
 
 
 def test_unported_task_fails_before_anything_is_written(tmp_path, monkeypatch):

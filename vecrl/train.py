@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import chex
@@ -50,8 +51,9 @@ def make_agent(spec: RunSpec, observation_size: int, action_size: int) -> Agent:
 
 
 def lane_key(seed: int, task: str) -> jax.Array:
-    """A lane's key depends only on its seed and task, so seed i of a many-seed run replays a 1-seed run."""
-    return jax.random.fold_in(jax.random.key(seed), envs_mjx.TASKS.index(task))
+    """A lane's key depends only on its seed and its task's name (not on the task's place in any list), so seed i of
+    a many-seed run replays a 1-seed run, and adding a task to the registry changes no other run's streams."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(task.encode()))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -127,8 +129,11 @@ class DomainProgram:
                "task_state": lane.env.task_state}
         held_out = replay.held_out_add(lane.held_out, row, ok & held)
         episode_return = lane.episode_return + jnp.where(ok, env_state.reward, 0.0)
-        return (lane.replace(buffer=buffer, held_out=held_out, env=env_state, episode_return=episode_return),
-                lane.env.nan | env_state.nan)
+        nan = lane.env.nan | env_state.nan
+        lane = lane.replace(buffer=buffer, held_out=held_out, env=env_state, episode_return=episode_return)
+        if self.agent.observe is not None:  # training observations only: held-out ones stay unseen by the agent
+            lane = lane.replace(agent=self.agent.observe(lane.agent, obs, ok & ~held))
+        return lane, nan
 
     def _update_lane(self, agent_state, buffer: replay.TrainBuffer, key: jax.Array, t: jax.Array):
         new_state, metrics = self.agent.update(agent_state, functools.partial(replay.train_buffer_sample, buffer),
@@ -145,6 +150,18 @@ class DomainProgram:
         lanes_map = lambda f, *args: vmap_leading(f, 2, *args)  # noqa: E731  (one vmap over [seed, task])
         keys = lanes_map(lambda k: jax.random.split(k, 5), lanes.key)
         key, k_act, k_hold, k_update, k_reset = (keys[:, :, i] for i in range(5))
+        if cfg.reset_every:
+            # The reset comes first in step t = k * reset_every, so what ran between chunks at that step (the
+            # evaluation, the checkpoint, the training episode that ended there) saw the agent before the reset,
+            # and no reset falls after the last step: a run with reset_every == steps ends as one without resets.
+            # The fresh agent comes from a key of its own, so resets leave every other random stream unchanged.
+            if agent.reset is None:
+                fresh = lambda: lanes_map(lambda k: agent.init(jax.random.fold_in(k, 1)), k_update)  # noqa: E731
+            else:
+                fresh = lambda: lanes_map(lambda a, k: agent.reset(a, jax.random.fold_in(k, 1)),  # noqa: E731
+                                          lanes.agent, k_update)
+            lanes = lanes.replace(agent=jax.lax.cond((t > 0) & (t % cfg.reset_every == 0), fresh,
+                                                     lambda: lanes.agent))
         action = jax.lax.cond(
             t < cfg.warmup_steps,
             lambda: lanes_map(lambda k: jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0), k_act),
@@ -159,15 +176,6 @@ class DomainProgram:
             t + 1 > cfg.warmup_steps,
             lambda a: lanes_map(lambda a, b, k: self._update_lane(a, b, k, t), a, lanes.buffer, k_update),
             no_update, lanes.agent)
-        if cfg.reset_every:
-            # A fresh agent from a key of its own, so that resets leave every other random stream unchanged.
-            if agent.reset is None:
-                fresh = lambda: lanes_map(lambda k: agent.init(jax.random.fold_in(k, 1)), k_update)  # noqa: E731
-            else:
-                fresh = lambda: lanes_map(lambda a, k: agent.reset(a, jax.random.fold_in(k, 1)),  # noqa: E731
-                                          agent_state, k_update)
-            agent_state = jax.lax.cond((t + 1) % cfg.reset_every == 0, fresh, lambda: agent_state)
-
         episode_over = (t + 1) % env.episode_length == 0  # every lane's episode ends on the same step
         env_state, next_return = jax.lax.cond(
             episode_over,
@@ -244,9 +252,14 @@ class DomainProgram:
                          "mask": held["mask"] * (1.0 - stepped.nan.astype(jnp.float32))}
             k1, k2, k3 = jax.random.split(k_loss, 3)
             empty = jnp.where(lane.held_out.size() > 0, 0.0, jnp.nan)
-            return {"td_error/train": agent.td_error(lane.agent, train, k1),
-                    "td_error/held_out": agent.td_error(lane.agent, {k: held[k] for k in transitions}, k2) + empty,
-                    "td_error/on_policy": agent.td_error(lane.agent, on_policy, k3) + empty}
+            held_transitions = {k: held[k] for k in transitions}
+            out = {"td_error/train": agent.td_error(lane.agent, train, k1),
+                   "td_error/held_out": agent.td_error(lane.agent, held_transitions, k2) + empty,
+                   "td_error/on_policy": agent.td_error(lane.agent, on_policy, k3) + empty}
+            if agent.model_error is not None:
+                out["model_error/train"] = agent.model_error(lane.agent, train)
+                out["model_error/held_out"] = agent.model_error(lane.agent, held_transitions) + empty
+            return out
 
         return vmap_leading(losses, 2, lanes, train, held, actions, stepped, k_loss)
 

@@ -17,6 +17,8 @@ Batch = dict[str, jax.Array]  # obs, action, reward, next_obs, mask (1 - episode
 # sample(key, shape) -> a Batch of real training transitions with leading axes `shape`, drawn uniformly with
 # replacement from the lane's train buffer. sample(key, shape, length=L) draws sequences of L consecutive
 # transitions instead (axes [*shape, L]), `mask` 0 from the first step that leaves the episode or the train set on.
+# sample(key, shape, split=(offset, every, held)) draws from one part of a split of the train buffer: every
+# `every`-th transition from `offset` when `held`, the others when not (see vecrl.replay.train_buffer_sample).
 Sampler = Callable[[jax.Array, tuple[int, ...]], Batch]
 
 
@@ -49,5 +51,13 @@ class Agent:
     td_error: Callable[[Any, Batch, jax.Array], jax.Array]
     # reset(state, key) -> state: what `train.reset_every` re-initialises; None means the whole state (init).
     reset: Callable[[Any, jax.Array], Any] | None = None
+    # observe(state, obs, valid) -> state: sees each observation collected for training (where `valid`), before
+    # any update, warm-up included; for agents that keep statistics of their inputs. None: not needed.
+    observe: Callable[[Any, jax.Array, jax.Array], Any] | None = None
+    # model_error(state, batch) -> the squared error of the agent's one-step model on real transitions `batch`
+    # (rows), as the agent measures it (MBPO: its elites' mean prediction of [next_obs - obs, reward]), averaged over
+    # the rows with mask 1; the trainer's diagnostics read it on training and on held-out transitions. None: no
+    # model, or none whose error is comparable.
+    model_error: Callable[[Any, Batch], jax.Array] | None = None
     # Named pure functions of the agent's internals, for diagnostics and tests (e.g. "critic_loss", "q_values").
     extras: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
