@@ -13,7 +13,11 @@ def test_every_spec_in_runs_loads(path):
     assert spec.name == os.path.basename(path)[:-5]
     if spec.agent == "madtd":
         assert spec.madtd.vmax == 150.0 * spec.train.action_repeat
-    assert set(spec.to_dict()) == {"name", "tasks", "seeds", "agent", "train", spec.agent}  # its own section only
+    assert set(spec.to_dict()) == {"name", "tasks", "seeds", "agent", "report_return", "train", spec.agent}
+    if spec.name.startswith("madtd-hard"):  # the papers' comparisons lead their reports with the paper's return
+        assert spec.report_return == "train"
+    if spec.name.startswith(("sac-dyna", "mbpo-dyna", "mbpo-ratio")):
+        assert spec.report_return == "eval"
 
 
 def test_default_spec_is_the_quickstart():
@@ -27,10 +31,14 @@ def test_overrides_parse_toml_literals():
     assert spec.tasks == ("cartpole-swingup",) and spec.seeds == (2, 5) and spec.madtd.vmax == 50.0
 
 
-def test_fingerprint_changes_with_any_value():
+def test_fingerprint_changes_with_any_value_that_trains():
     a = config.load_spec("quickstart")
     assert a.fingerprint() == config.load_spec("quickstart").fingerprint()
     assert a.fingerprint() != config.load_spec("quickstart", ["madtd.alpha=0.1"]).fingerprint()
+    # Which return a report leads with changes no training: a run can be resumed after changing it.
+    assert a.fingerprint() == config.load_spec("quickstart", ['report_return="train"']).fingerprint()
+    with pytest.raises(SpecError, match=r"report_return must be one of \('train', 'eval'\)"):
+        config.load_spec("quickstart", ['report_return="best"'])
 
 
 def test_domains_grouping():

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vecrl import validation
 from vecrl.agents.madtd import MadTDConfig, make_madtd
 
 OBS, ACT = 6, 2
@@ -35,9 +36,12 @@ def test_zero_prior_gives_q_near_zero_at_init(agent_and_state):
     assert float(jnp.max(jnp.abs(q))) < 0.5
 
 
-def test_model_rows_are_int_alpha_batch():
-    for alpha, batch in [(0.05, 512), (0.05, 40), (0.0, 40), (0.25, 40), (1.0, 40)]:
-        assert MadTDConfig(alpha=alpha, batch_size=batch).model_rows == int(alpha * batch)
+def test_model_rows_are_what_the_real_rows_leave():
+    # Real rows int(B * (1 - alpha)) as in the spec, the rest from the model: 486 + 26 at the paper's 512 and 0.05
+    # (int(alpha * B) would give 25), and 230 + 26 at 256 and 0.1.
+    for alpha, batch, rows in [(0.05, 512, 26), (0.1, 256, 26), (0.1, 512, 52), (0.05, 40, 2), (0.0, 40, 0),
+                               (0.25, 40, 10), (1.0, 40, 40)]:
+        assert MadTDConfig(alpha=alpha, batch_size=batch).model_rows == rows, (alpha, batch)
     agent = make_madtd(CFG, OBS, ACT)
     state = agent.init(jax.random.key(0))
     batch = _batch(jax.random.key(2), CFG.batch_size)
@@ -104,10 +108,13 @@ def test_act_shapes_bounds_and_exploration(mpc):
 
 
 def test_config_rejects_impossible_values():
-    for bad in [dict(alpha=1.5), dict(alpha=-0.1), dict(utd=0), dict(latent=20), dict(model_actions="uniform"),
-                dict(gamma=1.0), dict(vmax=0.0)]:
-        with pytest.raises(ValueError):
-            MadTDConfig(**bad).validate()
+    validation.validate(MadTDConfig(), "madtd")
+    for bad, message in [(dict(alpha=1.5), r"madtd.alpha must be in \[0, 1\], got 1.5"), (dict(alpha=-0.1), "alpha"),
+                         (dict(utd=0), "madtd.utd must be a positive integer"), (dict(utd=2.0), "madtd.utd"),
+                         (dict(latent=20), "multiple of simnorm_group"), (dict(model_actions="uniform"), "policy"),
+                         (dict(gamma=1.0), r"madtd.gamma must be in \[0, 1\)"), (dict(vmax=0.0), "madtd.vmax")]:
+        with pytest.raises(ValueError, match=message):
+            validation.validate(MadTDConfig(**bad), "madtd")
 
 
 def test_td_error_is_the_squared_error_of_the_expected_values(agent_and_state):

@@ -8,15 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vecrl import config
+from vecrl import config, validation
 from vecrl.agents import AGENTS
-from vecrl.agents.mbpo import MBPOConfig, gaussian_nll, make_mbpo, model_buffer_add, model_target
+from vecrl.agents.mbpo import (MBPOConfig, ensemble_predict, gaussian_nll, make_ensemble, make_mbpo, member_errors,
+                               member_loss, model_buffer_add, model_target, select_elites, weight_decay)
 
 OBS, ACT, ROWS = 3, 2, 32
 D = OBS + 1  # the ensemble predicts [next_obs - obs, reward]
-CFG = MBPOConfig(hidden=8, batch_size=20, utd=2, ensemble_size=7, elites=5, model_hidden=8, model_lr=1e-2,
-                 model_batch_size=8, retrain_every=5, model_train_steps=50, model_validation_rows=16, rollouts=8,
-                 model_capacity=20)
+CFG = MBPOConfig(hidden=8, batch_size=20, utd=2, ensemble_size=7, elites=5, model_hidden=8, model_layers=2,
+                 model_weight_decay=(1e-4, 2e-4, 3e-4), model_lr=1e-2, model_batch_size=8, retrain_every=5,
+                 model_train_steps=50, model_validation_rows=16, rollouts=8, model_capacity=20)
+ENS = make_ensemble(CFG, OBS)
 
 
 def transitions(seed=0, rows=ROWS):
@@ -34,11 +36,25 @@ def transitions(seed=0, rows=ROWS):
 
 
 def sampler(data):
-    """A fake `sample(key, shape)`: uniform with replacement over `data`'s rows, as the replay draws."""
-    def sample(key, shape):
-        i = jax.random.randint(key, shape, 0, data["reward"].shape[0])
+    """A fake `sample(key, shape, split=None)`: uniform with replacement over `data`'s rows, as the replay draws;
+    with split (offset, every, held), over the rows i with (i - offset) % every == 0 (held) or the others."""
+    n = data["reward"].shape[0]
+
+    def sample(key, shape, split=None):
+        if split is None:
+            i = jax.random.randint(key, shape, 0, n)
+        else:
+            offset, every, held = split
+            part = ((jnp.arange(n) - offset) % every == 0) == held
+            i = jax.random.choice(key, n, shape, p=part / jnp.sum(part))
         return jax.tree.map(lambda x: x[i], data)
     return sample
+
+
+def held_rows(key, rows=ROWS):
+    """Which rows a retrain with `key` holds out: its offset is drawn from the first of four keys."""
+    offset = int(jax.random.randint(jax.random.split(key, 4)[0], (), 0, CFG.model_holdout_every))
+    return (np.arange(rows) - offset) % CFG.model_holdout_every == 0
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +78,7 @@ def with_member_means(models, means, raw_logvar=-50.0):
     mlp = jax.tree.map(jnp.zeros_like, models["params"]["mlp"])
     bias = jnp.concatenate([jnp.broadcast_to(jnp.asarray(means, jnp.float32)[:, None], (len(means), D)),
                             jnp.full((len(means), D), raw_logvar)], axis=1)
-    mlp = {**mlp, "Dense_2": {**mlp["Dense_2"], "bias": bias}}
+    mlp = {**mlp, "Dense_2": {**mlp["Dense_2"], "bias": bias}}  # the output layer of model_layers = 2
     return {**models, "params": {**models["params"], "mlp": mlp}}
 
 
@@ -76,32 +92,38 @@ def softplus(x):
 
 # ------------------------------------------------------------------------------------------------ the ensemble
 def test_gaussian_nll_by_hand():
-    # Row 1: N(0, 1) at 1 -> 0.5 (1 + 0 + log 2pi); row 2: N(1, 4) at 3 -> 0.5 (4/4 + log 4 + log 2pi).
+    # The code's loss: mean over dimensions of err^2 / var + log var. Row 1: N(0, 1) at 1 -> 1; row 2: N(1, 4) at 3
+    # -> 4 / 4 + log 4.
     mean, logvar = jnp.asarray([[0.0], [1.0]]), jnp.asarray([[0.0], [np.log(4.0)]])
     target = jnp.asarray([[1.0], [3.0]])
-    log2pi = np.log(2 * np.pi)
-    expected = 0.5 * (0.5 * (1 + log2pi) + 0.5 * (1 + np.log(4.0) + log2pi))
+    expected = 0.5 * (1.0 + 1.0 + np.log(4.0))
     assert float(gaussian_nll(mean, logvar, target, jnp.asarray([1.0, 1.0]))) == pytest.approx(expected, rel=1e-6)
     # A row with mask 0 (no stored next observation) is left out of the mean.
-    assert float(gaussian_nll(mean, logvar, target, jnp.asarray([1.0, 0.0]))) == pytest.approx(
-        0.5 * (1 + log2pi), rel=1e-6)
+    assert float(gaussian_nll(mean, logvar, target, jnp.asarray([1.0, 0.0]))) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_weight_decay_by_hand(mbpo):
+    member_0 = member(mbpo.init(jax.random.key(0)).model, 0)
+    mlp = member_0["params"]["mlp"]
+    expected = sum(0.5 * c * np.sum(np.asarray(mlp[f"Dense_{i}"]["kernel"]) ** 2)
+                   for i, c in enumerate(CFG.model_weight_decay))
+    assert expected > 0 and float(weight_decay(member_0, CFG.model_weight_decay)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_member_loss_by_hand_with_a_zero_network(mbpo):
-    """A zero network predicts mean 0 and raw log-variance 0, squashed by the initial bounds (0.5 and -10); the
-    loss adds the bound penalty 0.005 * (sum max - sum min)."""
+    """A zero network predicts mean 0 and raw log-variance 0, squashed into the fixed bounds (0.5 and -10); its
+    kernels are zero, so the weight decay adds nothing."""
     state = mbpo.init(jax.random.key(0))
     models = with_member_means(state.model, np.zeros(CFG.ensemble_size), raw_logvar=0.0)
     data = transitions()
     upper = 0.5 - softplus(0.5 - 0.0)
     logvar = -10.0 + softplus(upper + 10.0)
     target = np.concatenate([np.asarray(data["next_obs"] - data["obs"]), np.asarray(data["reward"])[:, None]], 1)
-    per_row = 0.5 * np.mean(target ** 2 * np.exp(-logvar) + logvar + np.log(2 * np.pi), axis=1)
+    per_row = np.mean(target ** 2 * np.exp(-logvar) + logvar, axis=1)
     mask = np.asarray(data["mask"])
     nll = np.sum(mask * per_row) / mask.sum()
-    loss = mbpo.extras["member_loss"](member(models, 0), state.normaliser, data)
-    assert float(loss) == pytest.approx(nll + 0.005 * D * (0.5 + 10.0), rel=1e-5)
-    _, nlls = mbpo.extras["member_errors"](models, state.normaliser, data)
+    assert float(member_loss(member(models, 0), ENS, state.normaliser, data)) == pytest.approx(nll, rel=1e-5)
+    _, nlls = member_errors(ENS, models, state.normaliser, data)
     np.testing.assert_allclose(nlls, np.full(CFG.ensemble_size, nll), rtol=1e-5)
     np.testing.assert_allclose(model_target(data), target, rtol=1e-6)
 
@@ -111,20 +133,23 @@ def test_log_variance_stays_within_its_soft_bounds(mbpo):
     x = transitions()
     for raw, inside in ((1e3, lambda lv: lv <= 0.5 + 1e-3), (-1e3, lambda lv: lv >= -10.0 - 1e-3)):
         models = with_member_means(state.model, np.zeros(CFG.ensemble_size), raw_logvar=raw)
-        _, logvar = mbpo.extras["ensemble_predict"](models, state.normaliser, x["obs"], x["action"])
+        _, logvar = ensemble_predict(ENS, models, state.normaliser, x["obs"], x["action"])
         assert logvar.shape == (CFG.ensemble_size, ROWS, D) and np.all(inside(np.asarray(logvar)))
 
 
 def test_retrain_lowers_the_ensembles_error(mbpo):
     state = mbpo.init(jax.random.key(1))
-    data = transitions()
-    trained = jitted_retrain(mbpo)(state, data, jax.random.key(2))
-    before, _ = mbpo.extras["member_errors"](state.model, trained.normaliser, data)
-    after, _ = mbpo.extras["member_errors"](trained.model, trained.normaliser, data)
+    data, key = transitions(), jax.random.key(2)
+    trained = jitted_retrain(mbpo)(state, data, key)
+    before, _ = member_errors(ENS, state.model, trained.normaliser, data)
+    after, _ = member_errors(ENS, trained.model, trained.normaliser, data)
     assert np.all(np.asarray(after) < 0.5 * np.asarray(before))
-    # The normaliser was refitted on the inputs of the validation draw (the retrain's first key's rows).
-    validation = sampler(data)(jax.random.split(jax.random.key(2))[0], (CFG.model_validation_rows,))
-    inputs = np.concatenate([np.asarray(validation["obs"]), np.asarray(validation["action"])], axis=1)
+    # The normaliser was refitted on a draw of the rows not held out (the retrain's third key's).
+    _, _, k_fit, _ = jax.random.split(key, 4)
+    offset = int(jax.random.randint(jax.random.split(key, 4)[0], (), 0, CFG.model_holdout_every))
+    fit = sampler(data)(k_fit, (CFG.model_validation_rows,), split=(offset, CFG.model_holdout_every, False))
+    assert not np.any(np.isin(np.asarray(fit["reward"]), np.asarray(data["reward"])[held_rows(key)]))
+    inputs = np.concatenate([np.asarray(fit["obs"]), np.asarray(fit["action"])], axis=1)
     np.testing.assert_allclose(trained.normaliser.mean, inputs.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(trained.normaliser.std, inputs.std(0), rtol=1e-5)
 
@@ -143,20 +168,44 @@ def still_transitions(rows=ROWS):
 def test_elites_are_the_members_with_the_lowest_validation_error(mbpo):
     state = mbpo.init(jax.random.key(0))
     models = with_member_means(state.model, MEANS)
-    mse, _ = mbpo.extras["member_errors"](models, state.normaliser, still_transitions())
+    mse, _ = member_errors(ENS, models, state.normaliser, still_transitions())
     np.testing.assert_allclose(mse, MEANS ** 2, rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(mbpo.extras["select_elites"](mse), BEST_FIVE)
+    np.testing.assert_array_equal(select_elites(mse, CFG.elites), BEST_FIVE)
+
+
+def test_model_error_is_the_elites_mean_squared_error(mbpo):
+    state = mbpo.init(jax.random.key(0))
+    state = state.replace(model=with_member_means(state.model, MEANS), elites=jnp.asarray([1, 3, 6, 6, 6]))
+    expected = np.mean(MEANS[[1, 3, 6, 6, 6]] ** 2)  # still transitions: member i is off by MEANS[i] everywhere
+    assert float(mbpo.model_error(state, still_transitions())) == pytest.approx(expected, rel=1e-4)
 
 
 def test_retrain_keeps_the_best_members_as_elites():
     """With a vanishing learning rate the retrain leaves the members as they are, so it must pick the five with the
-    lowest known errors on its validation draw, and report their mean error."""
+    lowest known errors on its held-out rows, and report their mean error."""
     agent = make_mbpo(dataclasses.replace(CFG, model_lr=1e-12), OBS, ACT)
     state = agent.init(jax.random.key(0))
     state = state.replace(model=with_member_means(state.model, MEANS), elites=jnp.asarray([0, 2, 5, 6, 3]))
     out = jitted_retrain(agent)(state, still_transitions(), jax.random.key(1))
     np.testing.assert_array_equal(out.elites, BEST_FIVE)
     assert float(out.model_mse_elites) == pytest.approx(np.mean(MEANS[BEST_FIVE] ** 2), rel=1e-4)
+
+
+def test_elites_are_ranked_on_the_held_out_rows_only():
+    """Rows the retrain holds out change by 2.2 in every predicted value, the others not at all: ranked on the
+    held-out rows, the members closest to 2.2 win (on all rows, or on the training rows, those closest to 0 would)."""
+    agent = make_mbpo(dataclasses.replace(CFG, model_lr=1e-12), OBS, ACT)
+    state = agent.init(jax.random.key(0))
+    state = state.replace(model=with_member_means(state.model, MEANS))
+    key = jax.random.key(1)
+    held = held_rows(key)
+    data = still_transitions()
+    change = jnp.asarray(np.where(held, 2.2, 0.0), jnp.float32)
+    data = {**data, "next_obs": data["obs"] + change[:, None], "reward": change,
+            "mask": jnp.ones(ROWS)}  # every row valid, so the held-out MSE is exactly (mean - 2.2)^2
+    out = jitted_retrain(agent)(state, data, key)
+    np.testing.assert_array_equal(out.elites, [2, 0, 6, 3, 5])  # |MEANS - 2.2|: 0.2, 0.8, 1.2, 1.7, 1.8
+    assert float(out.model_mse_elites) == pytest.approx(np.mean((MEANS[[2, 0, 6, 3, 5]] - 2.2) ** 2), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
@@ -267,29 +316,37 @@ def test_jitted_update_under_vmap_over_two_lanes(mbpo):
     assert jax.vmap(lambda s, o: mbpo.act(s, o, jax.random.key(0), False))(states, obs).shape == (2, ACT)
 
 
-def test_diagnostics_are_sacs_on_its_state(mbpo):
-    from vecrl.agents.sac import make_sac  # pylint: disable=import-outside-toplevel
-
-    sac = make_sac(CFG.sac_config(), OBS, ACT)
+def test_diagnostics_read_the_sac_part_of_its_state(mbpo):
+    """Zero actor and critics in the SAC part: the value is 0, the target action tanh(exp(-4) * noise) (log std
+    midway in [-10, 2]), and the TD error the squared reward plus the discounted entropy bonus, as SAC's."""
     state = mbpo.init(jax.random.key(8))
+    zero = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+    state = state.replace(sac=state.sac.replace(actor=zero(state.sac.actor), critic=zero(state.sac.critic),
+                                                critic_target=zero(state.sac.critic_target)))
     data, key, obs = transitions(), jax.random.key(9), jnp.ones((OBS,))
-    assert float(mbpo.td_error(state, data, key)) == float(sac.td_error(state.sac, data, key))
-    assert float(mbpo.value(state, obs, key)) == float(sac.value(state.sac, obs, key))
-    np.testing.assert_array_equal(mbpo.target_action(state, obs, key), sac.target_action(state.sac, obs, key))
-    assert mbpo.metric_names[:len(sac.metric_names)] == sac.metric_names
+    assert float(mbpo.value(state, obs, key)) == 0.0
+    np.testing.assert_allclose(mbpo.target_action(state, obs, key),
+                               np.tanh(np.exp(-4.0) * np.asarray(jax.random.normal(key, (ACT,)))), rtol=1e-5)
+    u = np.exp(-4.0) * np.asarray(jax.random.normal(key, (ROWS, ACT)))
+    logp = (-0.5 * (u / np.exp(-4.0)) ** 2 + 4.0 - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2)).sum(-1)
+    target = np.asarray(data["reward"]) + CFG.gamma * (0.0 - 1.0 * logp)  # initial temperature 1
+    mask = np.asarray(data["mask"])
+    assert float(mbpo.td_error(state, data, key)) == pytest.approx(np.sum(mask * target ** 2) / mask.sum(), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ config
 def test_config_checks():
     assert AGENTS["mbpo"][0] is MBPOConfig
-    with pytest.raises(ValueError, match="mbpo.elites"):
-        MBPOConfig(elites=8).validate()
-    with pytest.raises(ValueError, match="mbpo.utd"):  # SAC's own rules, under this section's name
-        MBPOConfig(utd=0).validate()
-    with pytest.raises(ValueError, match="mbpo.model_capacity"):
-        MBPOConfig(model_capacity=100).validate()
-    with pytest.raises(ValueError, match="mbpo.synthetic_ratio"):
-        MBPOConfig(synthetic_ratio=1.5).validate()
+    validation.validate(MBPOConfig(), "mbpo")
+    for bad, message in [({"elites": 8}, r"mbpo.elites \(8\) cannot exceed"),
+                         ({"utd": 0}, "mbpo.utd must be a positive integer"),  # SAC's own rules, this section's name
+                         ({"log_std_min": 3.0}, "mbpo.log_std_min"),
+                         ({"model_capacity": 100}, "mbpo.model_capacity"),
+                         ({"synthetic_ratio": 1.5}, r"mbpo.synthetic_ratio must be in \[0, 1\]"),
+                         ({"model_layers": 2}, "model_weight_decay must list model_layers \\+ 1 = 3"),
+                         ({"model_holdout_every": 1}, "model_holdout_every must be >= 2")]:
+        with pytest.raises(ValueError, match=message):
+            validation.validate(MBPOConfig(**bad), "mbpo")
 
 
 def test_specs_load_and_the_schedule_is_checked():

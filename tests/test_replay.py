@@ -31,6 +31,22 @@ def test_sampling_stays_inside_the_window_after_wrap_around():
     np.testing.assert_array_equal(np.asarray(batch["reward"]), s)
 
 
+def test_a_split_draws_every_nth_sampleable_transition_or_the_others():
+    # 60 transitions into a ring of 32, every 4th routed to the held-out buffer: the sampleable window is 29..59
+    # less 32, 36, ..., 56 (24 transitions), counted in the order they were collected.
+    buf = _fill(replay.train_buffer_init(32, 3, 2), 60, held_every=4)
+    window = [s for s in range(29, 60) if s % 4]
+    for offset in range(3):
+        def draw(held, key):
+            batch = replay.train_buffer_sample(buf, key, (3000,), split=(jnp.int32(offset), 3, held))
+            return set(np.asarray(batch["obs"][:, 0]).astype(int).tolist())
+        held, rest = draw(True, jax.random.key(offset)), draw(False, jax.random.key(10 + offset))
+        # Every third collected transition (by its place among all sampleable ones ever indexed) is held.
+        entries = {s: e for e, s in enumerate(t for t in range(60) if t % 4)}
+        assert held == {s for s in window if (entries[s] - offset) % 3 == 0}
+        assert rest == set(window) - held and len(held) == 8
+
+
 def test_episode_ends_have_zero_weight_and_held_out_never_sampled():
     buf = _fill(replay.train_buffer_init(64, 3, 2), 40, episode_length=5, held_every=3)
     batch = replay.train_buffer_sample(buf, jax.random.key(1), (5000,))

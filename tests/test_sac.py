@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vecrl.agents import sac as sac_fns
 from vecrl.agents.sac import SACConfig, make_sac, tanh_gaussian_log_prob
 
 OBS, ACT, B = 3, 2, 4
@@ -14,9 +15,14 @@ def zero_params(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+CFG = SACConfig(hidden=8, batch_size=B, utd=2)
+NETS = sac_fns.sac_networks(CFG, ACT)
+LOG_STD_OF_A_ZERO_ACTOR = -4.0  # raw output 0 lands midway in [-10, 2]
+
+
 @pytest.fixture(scope="module")
 def sac():
-    return make_sac(SACConfig(hidden=8, batch_size=B, utd=2), OBS, ACT)
+    return make_sac(CFG, OBS, ACT)
 
 
 def batch(rng=np.random.default_rng(0)):
@@ -42,14 +48,15 @@ def test_tanh_gaussian_log_prob_is_the_change_of_variables():
 
 
 def test_critic_loss_by_hand_with_zero_networks(sac):
-    """All-zero networks: Q = 0 everywhere and the actor is N(0, exp(-1.5)) squashed (log std midway in [-5, 2])."""
+    """All-zero networks: Q = 0 everywhere and the actor is N(0, exp(-4)) squashed (log std midway in [-10, 2])."""
     state = sac.init(jax.random.key(0))
     state = state.replace(actor=zero_params(state.actor), critic=zero_params(state.critic),
                           critic_target=zero_params(state.critic_target), log_temperature=jnp.log(0.5))
     b, key = batch(), jax.random.key(7)
-    loss, q_mean = sac.extras["critic_loss"](state.critic, state, b, key)
-    u = np.exp(-1.5) * np.asarray(jax.random.normal(key, (B, ACT)))
-    logp = (-0.5 * (u / np.exp(-1.5)) ** 2 + 1.5 - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2)).sum(-1)
+    loss, q_mean = sac_fns.critic_loss(state.critic, NETS, state, b, key)
+    s = LOG_STD_OF_A_ZERO_ACTOR
+    u = np.exp(s) * np.asarray(jax.random.normal(key, (B, ACT)))
+    logp = (-0.5 * (u / np.exp(s)) ** 2 - s - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2)).sum(-1)
     target = np.asarray(b["reward"]) + 0.99 * (0.0 - 0.5 * logp)
     expected = np.mean(np.asarray(b["mask"]) * 2 * target ** 2)  # both heads predict 0
     assert float(loss) == pytest.approx(expected, rel=1e-4)
@@ -60,26 +67,45 @@ def test_critic_loss_by_hand_with_zero_networks(sac):
 
 def test_actor_loss_by_hand_with_zero_critic(sac):
     state = sac.init(jax.random.key(1))
-    state = state.replace(critic=zero_params(state.critic), log_temperature=jnp.log(0.2))
+    state = state.replace(actor=zero_params(state.actor), critic=zero_params(state.critic),
+                          log_temperature=jnp.log(0.2))
     b, key = batch(), jax.random.key(3)
-    loss, logp = sac.extras["actor_loss"](state.actor, state, b, key)
-    _, logp_direct = sac.extras["sample"](state.actor, b["obs"], key)
-    np.testing.assert_allclose(logp, logp_direct)
-    assert float(loss) == pytest.approx(float(np.mean(np.asarray(b["mask"]) * 0.2 * np.asarray(logp))), rel=1e-5)
+    loss, logp = sac_fns.actor_loss(state.actor, NETS, state, b, key)
+    s = LOG_STD_OF_A_ZERO_ACTOR
+    u = np.exp(s) * np.asarray(jax.random.normal(key, (B, ACT)))
+    expected_logp = (-0.5 * (u / np.exp(s)) ** 2 - s - 0.5 * np.log(2 * np.pi) - np.log(1 - np.tanh(u) ** 2)).sum(-1)
+    np.testing.assert_allclose(logp, expected_logp, rtol=1e-4)
+    assert float(loss) == pytest.approx(float(np.mean(np.asarray(b["mask"]) * 0.2 * expected_logp)), rel=1e-4)
+
+
+def test_temperature_loss_by_hand():
+    # alpha (entropy - target) with the entropy over the rows with mask 1: 0.5 * ((1.5 + 0.5) / 2 - (-1)) = 1.0;
+    # its gradient in log alpha is the same alpha-scaled gap.
+    logp, mask = jnp.asarray([-1.5, -0.5, 7.0]), jnp.asarray([1.0, 1.0, 0.0])
+    loss, grad = jax.value_and_grad(sac_fns.temperature_loss)(jnp.log(0.5), logp, mask, jnp.float32(-1.0))
+    assert float(loss) == pytest.approx(1.0, rel=1e-6) and float(grad) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_target_entropy_is_minus_half_the_action_size():
+    assert sac_fns.target_entropy(sac_fns.sac_networks(SACConfig(), 6)) == -3.0
+
+
+def _actor_with_log_std(actor, raw):
+    """The actor (zero weights) with its log-std outputs' bias set to `raw`: log std = -10 + 6 (tanh(raw) + 1)."""
+    out = actor["params"]["Dense_2"]
+    return {"params": {**actor["params"], "Dense_2": {**out, "bias": out["bias"].at[ACT:].set(raw)}}}
 
 
 def test_temperature_moves_toward_the_target_entropy(sac):
     state = sac.init(jax.random.key(2))
     b = batch()
-    # Zero actor: log std -1.5 per dimension gives an entropy far above the target -|A| = -2, so the temperature
-    # must fall; a very narrow actor (log std at its minimum) must raise it.
-    wide = state.replace(actor=zero_params(state.actor))
+    # Target -|A| / 2 = -1. Log std 0: tanh(N(0, 1)) has an entropy of about 0.55 per dimension, above the target,
+    # so the temperature must fall; log std at its minimum -10 (tanh(-50) = -1) puts it far below, so it must rise.
+    zero = state.replace(actor=zero_params(state.actor))
+    wide = zero.replace(actor=_actor_with_log_std(zero.actor, float(np.arctanh(2 / 3))))
     new, metrics = sac.update(wide, two_batches(b), jax.random.key(0), jnp.int32(0))
     assert float(new.log_temperature) < float(wide.log_temperature)
-    narrow_actor = jax.tree.map(lambda x: x, wide.actor)
-    out_bias = narrow_actor["params"]["Dense_2"]["bias"]
-    narrow_actor["params"]["Dense_2"]["bias"] = out_bias.at[ACT:].set(-50.0)  # tanh(-50) = -1: log std = -5
-    narrow = wide.replace(actor=narrow_actor)
+    narrow = zero.replace(actor=_actor_with_log_std(zero.actor, -50.0))
     new, _ = sac.update(narrow, two_batches(b), jax.random.key(0), jnp.int32(0))
     assert float(new.log_temperature) > float(narrow.log_temperature)
     assert set(metrics) == set(sac.metric_names)
@@ -92,4 +118,4 @@ def test_act_is_bounded_and_deterministic_without_exploration(sac):
     np.testing.assert_array_equal(a1, a2)
     samples = jax.vmap(lambda k: sac.act(state, obs, k, True))(jax.random.split(jax.random.key(0), 64))
     assert samples.shape == (64, ACT) and np.all(np.abs(np.asarray(samples)) <= 1.0)
-    assert float(jnp.std(samples)) > 0.05
+    assert float(jnp.std(samples)) > 0.005  # a fresh actor's std is about exp(-4)

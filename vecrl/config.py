@@ -25,11 +25,13 @@ import types
 import typing
 from typing import Any, Literal
 
+from vecrl import validation
 from vecrl.agents import AGENTS
 from vecrl.agents.madtd import MadTDConfig
 from vecrl.agents.mbpo import MBPOConfig
 from vecrl.agents.sac import SACConfig
 from vecrl.agents.svg import SVGConfig
+from vecrl.validation import NON_NEGATIVE_INT, POSITIVE_INT, UNIT_RIGHT_OPEN, rule
 
 RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
 DEFAULT_SPEC = "quickstart"
@@ -41,39 +43,34 @@ class SpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1_000_000  # agent steps per seed
-    warmup_steps: int = 5_000  # uniform random actions, no updates
-    action_repeat: int = 2
-    capacity: int = 1_000_000  # train replay capacity (transitions) per seed and task
-    holdout_fraction: float = 0.05  # of collected transitions, routed to the held-out buffer, never trained on
-    chunk_steps: int = 1_000  # agent steps per compiled chunk (host sync, logging granularity)
-    eval_every: int = 10_000  # agent steps between deterministic evaluations; 0 disables
-    eval_episodes: int = 10  # per seed and task
+    steps: int = rule(1_000_000, POSITIVE_INT)  # agent steps per seed
+    warmup_steps: int = rule(5_000, NON_NEGATIVE_INT)  # uniform random actions, no updates
+    action_repeat: int = rule(2, POSITIVE_INT)
+    capacity: int = rule(1_000_000, POSITIVE_INT)  # train replay capacity (transitions) per seed and task
+    # Of collected transitions, routed to the held-out buffer, never trained on.
+    holdout_fraction: float = rule(0.05, UNIT_RIGHT_OPEN)
+    chunk_steps: int = rule(1_000, POSITIVE_INT)  # agent steps per compiled chunk (host sync, logging granularity)
+    eval_every: int = rule(10_000, NON_NEGATIVE_INT)  # agent steps between deterministic evaluations; 0 disables
+    eval_episodes: int = rule(10, POSITIVE_INT)  # per seed and task
     # Held-out rows (and as many training rows) on which each evaluation measures the critic's squared TD error,
     # off- and on-policy (the paper's generalisation gap); 0 turns that diagnostic off.
-    diagnostic_rows: int = 512
-    checkpoint_every: int = 50_000  # agent steps; a final checkpoint is always written
+    diagnostic_rows: int = rule(512, NON_NEGATIVE_INT)
+    checkpoint_every: int = rule(50_000, NON_NEGATIVE_INT)  # agent steps; a final checkpoint is always written
     # Every this many agent steps, the agent is re-initialised (MAD-TD and SAC: all networks, optimisers and the
     # temperature; MBPO and SVG: their SAC part, keeping the model) while the replay buffers are kept; 0 never
-    # resets (MAD-TD paper Fig. 6: 200,000; "Dyna limits" paper Sec. 5: 20,000).
-    reset_every: int = 0
-    keep_checkpoints: int = 3
+    # resets (MAD-TD paper Fig. 6: 200,000; "Dyna limits" paper Sec. 5: 20,000). The reset opens step
+    # k * reset_every, so the evaluation, checkpoint and training episode at that step are the agent's before it,
+    # and none follows the last step.
+    reset_every: int = rule(0, NON_NEGATIVE_INT)
+    keep_checkpoints: int = rule(3, POSITIVE_INT)
 
-    def validate(self) -> None:
-        for name in ("steps", "action_repeat", "capacity", "chunk_steps", "eval_episodes", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "diagnostic_rows", "reset_every"):
-            if getattr(self, name) < 0:
-                raise SpecError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise SpecError(f"train.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+    def relations(self, section: str):
         if self.steps % self.chunk_steps:
-            raise SpecError(f"train.steps ({self.steps}) must be a multiple of train.chunk_steps ({self.chunk_steps})")
+            yield f"{section}.steps ({self.steps}) must be a multiple of {section}.chunk_steps ({self.chunk_steps})"
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) % self.chunk_steps:
-                raise SpecError(f"train.{name} ({getattr(self, name)}) must be a multiple of train.chunk_steps "
-                                f"({self.chunk_steps}): they run between chunks")
+                yield (f"{section}.{name} ({getattr(self, name)}) must be a multiple of {section}.chunk_steps "
+                       f"({self.chunk_steps}): they run between chunks")
 
 
 AGENT_CONFIGS = {name: config for name, (config, _) in AGENTS.items()}
@@ -85,6 +82,11 @@ class RunSpec:
     tasks: tuple[str, ...]
     seeds: tuple[int, ...]
     agent: str = "madtd"
+    # Which episode return `vecrl report` leads its aggregate scores and regret with (it reports both): "train",
+    # the training episodes' (with exploration noise or the MPC sampler), which the MAD-TD paper and its code plot;
+    # or "eval", deterministic evaluation episodes', which the "Dyna limits" paper's code logs. Not part of the
+    # fingerprint: it changes no training.
+    report_return: Literal["train", "eval"] = "eval"
     train: TrainConfig = TrainConfig()
     madtd: MadTDConfig = MadTDConfig()
     sac: SACConfig = SACConfig()
@@ -105,7 +107,8 @@ class RunSpec:
 
     def fingerprint(self) -> str:
         """What must not change for a checkpoint to be resumed."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        trained = {k: v for k, v in self.to_dict().items() if k != "report_return"}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def domains(self) -> dict[str, list[str]]:
         """Tasks grouped by the compiled program they share: one per domain (finger's spin and turn, whose
@@ -258,16 +261,18 @@ def spec_from_dict(raw: dict) -> RunSpec:
     name = raw.get("name", "run")
     if not isinstance(name, str) or not name or "/" in name:
         raise SpecError(f"name must be a non-empty string without '/', got {name!r}")
-    spec = RunSpec(name=name, tasks=tuple(tasks), seeds=tuple(seeds), agent=agent, train=train,
-                   **{agent: agent_cfg})
+    report_return = _coerce(raw.get("report_return", "eval"), typing.get_type_hints(RunSpec)["report_return"],
+                            "report_return")
+    spec = RunSpec(name=name, tasks=tuple(tasks), seeds=tuple(seeds), agent=agent, report_return=report_return,
+                   train=train, **{agent: agent_cfg})
     validate(spec)
     return spec
 
 
 def validate(spec: RunSpec) -> None:
-    spec.train.validate()
     try:
-        spec.agent_config.validate()
+        validation.validate(spec.train, "train")
+        validation.validate(spec.agent_config, spec.agent)
     except ValueError as e:
         raise SpecError(str(e)) from None
     train, agent = spec.train, spec.agent_config

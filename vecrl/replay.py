@@ -82,8 +82,12 @@ def train_buffer_add(buf: TrainBuffer, obs, action, reward, next_obs, episode_en
 
 
 def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...],
-                        length: int | None = None) -> dict[str, jax.Array]:
+                        length: int | None = None, split: Split | None = None) -> dict[str, jax.Array]:
     """Uniform with replacement over sampleable transitions. The buffer must not be empty.
+
+    With `split` = (offset, every, held), single transitions are drawn from one part of a split of the sampleable
+    transitions: every `every`-th one (in the order they were collected, from `offset`) when `held`, else all the
+    others. A model can then be fitted on one part and judged on the other, as MBPO ranks its ensemble.
 
     With `length` = L, each draw is a sequence: the L transitions that follow one another from a sampleable start,
     every array with an extra axis L after `shape` (obs [*shape, L, obs], mask [*shape, L], ...). Sequences are
@@ -99,7 +103,12 @@ def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...]
     inside the written window, since indexed transitions newer than a complete start are complete.
     """
     c = buf.capacity
-    u = jax.random.randint(key, shape, buf.oldest, jnp.maximum(buf.indexed, buf.oldest + 1))
+    if split is not None:
+        if length is not None:
+            raise ValueError("a split draws single transitions, not sequences")
+        u = _split_entries(buf, key, shape, *split)
+    else:
+        u = jax.random.randint(key, shape, buf.oldest, jnp.maximum(buf.indexed, buf.oldest + 1))
     if length is None:
         s = buf.index[u % c]
         return _transitions(buf, s, buf.mask[s % c])
@@ -111,6 +120,29 @@ def train_buffer_sample(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...]
     sampleable_run = (entry < buf.indexed) & (buf.index[entry % c] == s)
     weight = jnp.cumprod(jnp.where(sampleable_run, buf.mask[s % c], 0.0), axis=-1)
     return _transitions(buf, s, weight)
+
+
+Split = tuple[jax.Array, int, bool]  # (offset, every, held): see train_buffer_sample
+
+
+def _split_entries(buf: TrainBuffer, key: jax.Array, shape: tuple[int, ...], offset: jax.Array, every: int,
+                   held: bool) -> jax.Array:
+    """Entries of the index ring, uniform over one part of the split: those e with (e - offset) % every == 0 when
+    `held`, else the others. Counted with y = e + every - offset (never negative), the held entries are the
+    multiples of `every`; the others are ranked by k = y - ceil(y / every), which inverts in closed form, so each
+    part is drawn directly rather than by rejection."""
+    if every < 2:
+        raise ValueError(f"a split needs every >= 2 (one part held), got {every}")
+    y_lo, y_hi = buf.oldest + every - offset, buf.indexed + every - offset
+    if held:
+        lo, hi = -(-y_lo // every), -(-y_hi // every)
+        y = every * jax.random.randint(key, shape, lo, jnp.maximum(hi, lo + 1))
+    else:
+        rank = lambda y: y - (-(-y // every))  # noqa: E731  (others below y)
+        lo, hi = rank(y_lo), rank(y_hi)
+        k = jax.random.randint(key, shape, lo, jnp.maximum(hi, lo + 1))
+        y = (k // (every - 1)) * every + k % (every - 1) + 1
+    return y - every + offset
 
 
 def _transitions(buf: TrainBuffer, s: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:

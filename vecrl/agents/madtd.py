@@ -18,68 +18,55 @@ from flax import struct
 from vecrl.agents.base import Agent, Batch, Sampler
 from vecrl.distributional import HLGauss
 from vecrl.networks import MLP, LatentHead, simnorm, simnorm_log
+from vecrl.validation import (BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, UNIT_LEFT_OPEN,
+                              UNIT_RIGHT_OPEN, rule)
 
 
 @dataclasses.dataclass(frozen=True)
 class MadTDConfig:
-    hidden: int = 512  # width of encoder, critic and actor MLPs
-    model_hidden: int = 512  # width of latent dynamics and reward MLPs (paper Fig. 9 sweeps 64..512)
-    latent: int = 512
-    simnorm_group: int = 8
-    num_bins: int = 151
-    vmax: float = 300.0  # 150 * action_repeat in the paper; the trainer's spec sets it from the action repeat
-    sigma_ratio: float = 0.75
-    zero_prior_scale: float = 17.0
-    gamma: float = 0.99
-    tau: float = 0.01
-    batch_size: int = 512
-    utd: int = 8  # critic+actor updates per agent step; the model/encoder update runs once per agent step
-    alpha: float = 0.05  # fraction of each critic minibatch replaced by one-step model transitions
+    hidden: int = rule(512, POSITIVE_INT)  # width of encoder, critic and actor MLPs
+    model_hidden: int = rule(512, POSITIVE_INT)  # width of latent dynamics and reward MLPs (paper Fig. 9: 64..512)
+    latent: int = rule(512, POSITIVE_INT)
+    simnorm_group: int = rule(8, POSITIVE_INT)
+    num_bins: int = rule(151, POSITIVE_INT)
+    vmax: float = rule(300.0, POSITIVE)  # 150 * action_repeat in the paper; the spec sets it from the action repeat
+    sigma_ratio: float = rule(0.75, POSITIVE)
+    zero_prior_scale: float = rule(17.0, NON_NEGATIVE)
+    gamma: float = rule(0.99, UNIT_RIGHT_OPEN)
+    tau: float = rule(0.01, UNIT_LEFT_OPEN)
+    batch_size: int = rule(512, POSITIVE_INT)
+    utd: int = rule(8, POSITIVE_INT)  # critic+actor updates per agent step; the model/encoder update runs once per step
+    alpha: float = rule(0.05, UNIT_CLOSED)  # fraction of each critic minibatch replaced by one-step model transitions
     model_actions: Literal["policy", "random"] = "policy"
-    lr_encoder: float = 1e-4
-    lr_model: float = 3e-4
-    lr_critic: float = 3e-4
-    lr_actor: float = 3e-4
-    grad_clip: float = 10.0
-    exploration_noise: float = 0.1
-    noise_clip: float = 0.3
-    dynamics_target_mix: float = 0.9999  # t = mix * z' + (1 - mix) / group
-    mpc: bool = False
-    mpc_iterations: int = 6
-    mpc_samples: int = 512
-    mpc_elites: int = 64
-    mpc_temperature: float = 0.5
-    mpc_std_init: float = 0.3
-    mpc_std_min: float = 0.05
+    lr_encoder: float = rule(1e-4, POSITIVE)
+    lr_model: float = rule(3e-4, POSITIVE)
+    lr_critic: float = rule(3e-4, POSITIVE)
+    lr_actor: float = rule(3e-4, POSITIVE)
+    grad_clip: float = rule(10.0, POSITIVE)
+    exploration_noise: float = rule(0.1, NON_NEGATIVE)
+    noise_clip: float = rule(0.3, NON_NEGATIVE)
+    dynamics_target_mix: float = rule(0.9999, UNIT_CLOSED)  # t = mix * z' + (1 - mix) / group
+    mpc: bool = rule(False, BOOL)
+    mpc_iterations: int = rule(6, POSITIVE_INT)
+    mpc_samples: int = rule(512, POSITIVE_INT)
+    mpc_elites: int = rule(64, POSITIVE_INT)
+    mpc_temperature: float = rule(0.5, POSITIVE)
+    mpc_std_init: float = rule(0.3, POSITIVE)
+    mpc_std_min: float = rule(0.05, POSITIVE)
 
-    def validate(self) -> None:
-        positive = ("hidden", "model_hidden", "latent", "simnorm_group", "num_bins", "batch_size", "utd",
-                    "mpc_iterations", "mpc_samples", "mpc_elites")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"madtd.{name} must be a positive integer, got {value!r}")
+    def relations(self, section: str):
         if self.latent % self.simnorm_group:
-            raise ValueError(f"madtd.latent ({self.latent}) must be a multiple of simnorm_group ({self.simnorm_group})")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"madtd.alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"madtd.gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
+            yield f"{section}.latent ({self.latent}) must be a multiple of simnorm_group ({self.simnorm_group})"
         if self.model_actions not in ("policy", "random"):
-            raise ValueError(f"madtd.model_actions must be 'policy' or 'random', got {self.model_actions!r}")
+            yield f"{section}.model_actions must be 'policy' or 'random', got {self.model_actions!r}"
         if self.mpc_elites > self.mpc_samples + 1:
-            raise ValueError("madtd.mpc_elites cannot exceed mpc_samples + 1")
-        for name in ("vmax", "lr_encoder", "lr_model", "lr_critic", "lr_actor", "grad_clip", "mpc_temperature",
-                     "mpc_std_init", "mpc_std_min"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"madtd.{name} must be > 0, got {getattr(self, name)}")
-        if self.exploration_noise < 0 or self.noise_clip < 0:
-            raise ValueError("madtd.exploration_noise and noise_clip must be >= 0")
+            yield f"{section}.mpc_elites cannot exceed mpc_samples + 1"
 
     @property
     def model_rows(self) -> int:
-        """Rows of each critic minibatch that come from the model: int(alpha * batch_size)."""
-        return int(self.alpha * self.batch_size)
+        """Rows of each critic minibatch that come from the model: those left over by the real rows,
+        int(batch_size * (1 - alpha)), as the spec and the authors' code count them (26 of 512 at alpha 0.05)."""
+        return self.batch_size - int(self.batch_size * (1.0 - self.alpha))
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -128,7 +115,6 @@ METRICS = ("loss/reward", "loss/dynamics", "loss/vaml", "loss/q_encoder", "loss/
 
 def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Agent:
     """MAD-TD for one (observation_size, action_size), as pure functions closed over static config."""
-    cfg.validate()
     hl = HLGauss(cfg.vmax, cfg.num_bins, cfg.sigma_ratio)
     prior = cfg.zero_prior_scale * hl.probs(jnp.zeros(()))
     encoder_net = LatentHead((cfg.hidden,), cfg.latent)
@@ -249,7 +235,8 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
                              opt_encoder=opt_enc, opt_model=opt_mod), metrics
 
     def critic_batch(state: MadTDState, batch: Batch, key: jax.Array):
-        """The model-augmented critic batch: the last int(alpha * B) rows become one-step model transitions."""
+        """The model-augmented critic batch: the rows after the first
+        int(B * (1 - alpha)) become one-step model transitions."""
         n_real = cfg.batch_size - cfg.model_rows
         z = jax.lax.stop_gradient(encode(state.encoder, batch["obs"]))
         z_next_real = jax.lax.stop_gradient(encode(state.encoder, batch["next_obs"][:n_real]))

@@ -1,9 +1,17 @@
-"""MBPO (Janner et al.), the one-step version of the "Dyna limits" paper (its Tables 1 and 2, and
-../shared/spec/baselines.md): SAC whose minibatches are 95% transitions imagined by an ensemble of probabilistic
-dynamics models. Read top to bottom: config, the ensemble, the model buffer, init, then one agent step's update
-(retrain the ensemble on schedule, branch one-step rollouts into the model buffer, SAC steps on mixed batches).
+"""MBPO (Janner et al.), the one-step version of the "Dyna limits" paper, as its code (CLeARoboticsLab/STFL) ran
+it (../shared/spec/baselines.md): SAC whose minibatches are 95% transitions imagined by an ensemble of
+probabilistic dynamics models. Read top to bottom: config, the ensemble and its losses, the model buffer, state,
+then one agent step's update (retrain the ensemble on schedule, branch one-step rollouts into the model buffer,
+SAC steps on mixed batches).
 
-The SAC part is vecrl.agents.sac itself (its networks, losses and gradient step), fed other minibatches.
+The SAC part is vecrl.agents.sac's networks, losses and gradient step, fed other minibatches.
+
+Where the paper's code and its Table 2 differ, the code is followed (it made the figures): 4 hidden layers of 200
+(the table: 2), per-layer weight decay, fixed log-variance bounds, 5,000 model steps per retrain, elites ranked on
+a held-out 20% of the real data, a synthetic buffer of 1e6, Adam's default epsilon, target entropy -|A|/2. Two
+things differ from that code on purpose: each member trains on its own minibatches (the code meant to shuffle per
+member but passes every member the same rows), and the held-out split is drawn once per retrain (the code redraws
+it for each of 25 blocks of 200 steps and keeps the last block's ranking).
 """
 
 from __future__ import annotations
@@ -16,110 +24,87 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from vecrl.agents import sac
 from vecrl.agents.base import Agent, Batch, Sampler
-from vecrl.agents.sac import SACConfig, SACState, make_sac
+from vecrl.agents.sac import SACConfig, SACState
 from vecrl.networks import MLP
+from vecrl.validation import FINITE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, rule
 
 
 @dataclasses.dataclass(frozen=True)
-class MBPOConfig:
-    # -- the SAC part: the same fields and defaults as SACConfig (the paper's Table 1); see vecrl/agents/sac.py
-    hidden: int = SACConfig.hidden
-    gamma: float = SACConfig.gamma
-    tau: float = SACConfig.tau
-    lr: float = SACConfig.lr
-    adam_eps: float = SACConfig.adam_eps
-    batch_size: int = SACConfig.batch_size  # SAC minibatch rows, model and real together
-    utd: int = SACConfig.utd
-    init_temperature: float = SACConfig.init_temperature
-    target_entropy_scale: float = SACConfig.target_entropy_scale
-    log_std_min: float = SACConfig.log_std_min
-    log_std_max: float = SACConfig.log_std_max
-    # -- the ensemble (Table 2)
-    ensemble_size: int = 7
-    elites: int = 5  # members that generate rollouts: the best on a validation draw by MSE
-    model_hidden: int = 200  # two hidden Swish layers
-    model_lr: float = 3e-4
-    model_adam_eps: float = 1.5e-4
-    model_batch_size: int = 256  # rows per member per model gradient step
-    retrain_every: int = 250  # agent steps; retraining continues from the current weights, as MBPO's reference
-    # Model gradient steps per retrain. MBPO's reference trains until its held-out loss stops improving (at least
-    # five epochs over all data), a data-dependent length a compiled program cannot have. 1,000 steps of 256 rows
-    # per member are 25 epochs of the 10,000 warm-up transitions at the first retrain; later retrains continue from
-    # the current weights, 4 model steps per agent step overall (2M per 500k-step run), next to SAC's 20.
-    model_train_steps: int = 1000
-    # Real transitions drawn once per retrain, apart from the training minibatches: their inputs give the
-    # normaliser's statistics and their prediction errors rank the members (MBPO's reference holds out
-    # min(20%, 5,000) transitions; the agent sees the replay only through uniform draws, see `retrain`).
-    model_validation_rows: int = 5000
-    # The usual soft bounds of a probabilistic ensemble's log-variance (learned per member and output, initial
-    # values of MBPO's reference), and the penalty pulling them together: the reference's 0.01 on a loss without
-    # the 1/2 of the Gaussian NLL used here.
-    logvar_max_init: float = 0.5
-    logvar_min_init: float = -10.0
-    logvar_bound_penalty: float = 0.005
-    # -- using the model (Table 2; model horizon 1)
-    rollouts: int = 400  # one-step rollouts branched from real states per agent step
-    # MBPO's reference keeps one epoch (1,000 environment steps) of rollouts: 100,000 per retrain interval of 250
-    # steps, so 4 intervals: 400 x 1,000 transitions, the oldest overwritten first.
-    model_capacity: int = 400_000
-    synthetic_ratio: float = 0.95  # fraction of each SAC minibatch drawn from the model buffer
+class MBPOConfig(SACConfig):
+    """SACConfig's fields (the SAC part; `batch_size` counts model and real rows together) and the model's."""
 
-    def sac_config(self) -> SACConfig:
-        return SACConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SACConfig)})
+    # -- the ensemble
+    ensemble_size: int = rule(7, POSITIVE_INT)
+    elites: int = rule(5, POSITIVE_INT)  # members that generate rollouts: the lowest held-out MSE
+    model_hidden: int = rule(200, POSITIVE_INT)
+    model_layers: int = rule(4, POSITIVE_INT)  # hidden Swish layers (the paper's Table 2 says 2; its code has 4)
+    # L2 penalty 0.5 * c * |W|^2 on each layer's kernel, hidden layers first, the output layer last (the code's
+    # values for its 4 + 1 layers). As many as model_layers + 1.
+    model_weight_decay: tuple[float, ...] = rule((2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4), None)
+    # The predicted log-variance is squashed softly into these fixed bounds (not learned, as in the code).
+    logvar_max: float = rule(0.5, FINITE)
+    logvar_min: float = rule(-10.0, FINITE)
+    model_lr: float = rule(3e-4, POSITIVE)
+    model_adam_eps: float = rule(1e-8, POSITIVE)
+    model_batch_size: int = rule(256, POSITIVE_INT)  # rows per member per model gradient step
+    retrain_every: int = rule(250, POSITIVE_INT)  # agent steps; retraining continues from the current weights
+    # Model gradient steps per retrain: the code's 25 x 200, i.e. 20 per agent step at retrain_every 250.
+    model_train_steps: int = rule(5000, POSITIVE_INT)
+    # At each retrain, every `model_holdout_every`-th real transition (from a random offset) is held out of the
+    # model's training and ranks the members (the code holds out a random 20%); `model_validation_rows` are drawn
+    # from the held-out part to rank them (the code draws 50,000 with replacement), and as many from the rest fit
+    # the input normaliser (the code: all of the rest).
+    model_holdout_every: int = rule(5, POSITIVE_INT)
+    model_validation_rows: int = rule(50_000, POSITIVE_INT)
+    # -- using the model (model horizon 1)
+    rollouts: int = rule(400, POSITIVE_INT)  # one-step rollouts branched from real states per agent step
+    model_capacity: int = rule(1_000_000, POSITIVE_INT)  # the synthetic buffer, oldest overwritten first
+    synthetic_ratio: float = rule(0.95, UNIT_CLOSED)  # fraction of each SAC minibatch drawn from the model buffer
 
     @property
     def model_rows(self) -> int:
-        """Rows of each SAC minibatch that come from the model buffer: int(synthetic_ratio * batch_size)."""
+        """Rows of each SAC minibatch that come from the model buffer: int(synthetic_ratio * batch_size), as the
+        code counts them (243 of 256)."""
         return int(self.synthetic_ratio * self.batch_size)
 
-    def validate(self) -> None:
-        try:
-            self.sac_config().validate()
-        except ValueError as e:  # SAC's own rules, reported under this section's name
-            raise ValueError(str(e).replace("sac.", "mbpo.")) from None
-        positive = ("ensemble_size", "elites", "model_hidden", "model_batch_size", "retrain_every",
-                    "model_train_steps", "model_validation_rows", "rollouts", "model_capacity")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"mbpo.{name} must be a positive integer, got {value!r}")
+    def relations(self, section: str):
+        yield from super().relations(section)
+        if len(self.model_weight_decay) != self.model_layers + 1 or not all(
+                NON_NEGATIVE.holds(c) for c in self.model_weight_decay):
+            yield (f"{section}.model_weight_decay must list model_layers + 1 = {self.model_layers + 1} coefficients "
+                   f">= 0 (hidden layers, then the output layer), got {list(self.model_weight_decay)}")
         if self.elites > self.ensemble_size:
-            raise ValueError(f"mbpo.elites ({self.elites}) cannot exceed mbpo.ensemble_size ({self.ensemble_size})")
+            yield f"{section}.elites ({self.elites}) cannot exceed {section}.ensemble_size ({self.ensemble_size})"
         if self.model_capacity < self.rollouts:
-            raise ValueError(f"mbpo.model_capacity ({self.model_capacity}) must hold one agent step's "
-                             f"mbpo.rollouts ({self.rollouts})")
-        if not 0.0 <= self.synthetic_ratio <= 1.0:
-            raise ValueError(f"mbpo.synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}")
-        for name in ("model_lr", "model_adam_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"mbpo.{name} must be > 0, got {getattr(self, name)}")
-        if not self.logvar_bound_penalty >= 0:
-            raise ValueError(f"mbpo.logvar_bound_penalty must be >= 0, got {self.logvar_bound_penalty}")
-        if not self.logvar_min_init < self.logvar_max_init:
-            raise ValueError("mbpo.logvar_min_init must be below mbpo.logvar_max_init")
+            yield (f"{section}.model_capacity ({self.model_capacity}) must hold one agent step's {section}.rollouts "
+                   f"({self.rollouts})")
+        if self.model_holdout_every < 2:
+            yield f"{section}.model_holdout_every must be >= 2 (every n-th real transition held out), got 1"
+        if not self.logvar_min < self.logvar_max:
+            yield f"{section}.logvar_min ({self.logvar_min}) must be below {section}.logvar_max ({self.logvar_max})"
 
 
 # ------------------------------------------------------------------------------------------------ the ensemble
 class GaussianDynamics(nn.Module):
     """One member: a diagonal Gaussian over `out` values (next_obs - obs, then reward) from normalised
-    concat(obs, action). The log-variance is squashed softly below a learned upper and above a learned lower bound,
-    so that it neither explodes on unseen inputs nor collapses on seen ones."""
+    concat(obs, action). The log-variance is squashed softly below `logvar_max` and above `logvar_min`, so that it
+    neither explodes on unseen inputs nor collapses on seen ones."""
 
     hidden: int
+    layers: int
     out: int
-    logvar_max_init: float
-    logvar_min_init: float
+    logvar_max: float
+    logvar_min: float
 
     @nn.compact
     def __call__(self, x):
-        h = MLP((self.hidden, self.hidden), 2 * self.out, layer_norm=False, activation=jax.nn.swish, name="mlp")(x)
+        h = MLP((self.hidden,) * self.layers, 2 * self.out, layer_norm=False, activation=jax.nn.swish,
+                name="mlp")(x)
         mean, raw_logvar = jnp.split(h, 2, axis=-1)
-        max_logvar = self.param("max_logvar", nn.initializers.constant(self.logvar_max_init), (self.out,))
-        min_logvar = self.param("min_logvar", nn.initializers.constant(self.logvar_min_init), (self.out,))
-        logvar = max_logvar - jax.nn.softplus(max_logvar - raw_logvar)
-        logvar = min_logvar + jax.nn.softplus(logvar - min_logvar)
-        return mean, logvar
+        logvar = self.logvar_max - jax.nn.softplus(self.logvar_max - raw_logvar)
+        return mean, self.logvar_min + jax.nn.softplus(logvar - self.logvar_min)
 
 
 @struct.dataclass
@@ -146,14 +131,70 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def gaussian_nll(mean: jax.Array, logvar: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-    """Negative log-likelihood of `target` [N, D] under N(mean, exp(logvar)), per dimension, over valid rows."""
-    per_row = 0.5 * jnp.mean((target - mean) ** 2 * jnp.exp(-logvar) + logvar + jnp.log(2 * jnp.pi), axis=-1)
+    """The code's Gaussian negative log-likelihood of `target` [N, D] under N(mean, exp(logvar)): the mean over
+    dimensions of err^2 / var + log var (twice the NLL less its constant), over valid rows."""
+    per_row = jnp.mean((target - mean) ** 2 * jnp.exp(-logvar) + logvar, axis=-1)
     return masked_mean(per_row, mask)
+
+
+def weight_decay(member: dict, coefficients: tuple[float, ...]) -> jax.Array:
+    """sum over layers of 0.5 * c * |kernel|^2 (biases are not decayed)."""
+    mlp = member["params"]["mlp"]
+    return sum(0.5 * c * jnp.sum(mlp[f"Dense_{i}"]["kernel"] ** 2) for i, c in enumerate(coefficients))
 
 
 def model_target(batch: Batch) -> jax.Array:
     """What the ensemble predicts: [next_obs - obs, reward]."""
     return jnp.concatenate([batch["next_obs"] - batch["obs"], batch["reward"][..., None]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """What the ensemble's functions need besides parameters."""
+
+    cfg: MBPOConfig
+    net: GaussianDynamics
+
+
+def make_ensemble(cfg: MBPOConfig, observation_size: int) -> Ensemble:
+    return Ensemble(cfg=cfg, net=GaussianDynamics(cfg.model_hidden, cfg.model_layers, observation_size + 1,
+                                                  cfg.logvar_max, cfg.logvar_min))
+
+
+def predict(ens: Ensemble, member: dict, normaliser: Normaliser, obs: jax.Array, action: jax.Array):
+    return ens.net.apply(member, normaliser(obs, action))
+
+
+def ensemble_predict(ens: Ensemble, models: dict, normaliser: Normaliser, obs: jax.Array, action: jax.Array):
+    """Every member on the same rows: mean and log-variance [ensemble_size, ..., obs + 1]."""
+    return jax.vmap(predict, in_axes=(None, 0, None, None, None))(ens, models, normaliser, obs, action)
+
+
+def member_loss(member: dict, ens: Ensemble, normaliser: Normaliser, batch: Batch) -> jax.Array:
+    mean, logvar = predict(ens, member, normaliser, batch["obs"], batch["action"])
+    return (gaussian_nll(mean, logvar, model_target(batch), batch["mask"])
+            + weight_decay(member, ens.cfg.model_weight_decay))
+
+
+def ensemble_loss(models: dict, ens: Ensemble, normaliser: Normaliser, batches: Batch) -> jax.Array:
+    """Members' losses on their own minibatches ([ensemble_size, rows] leading axes), summed: each member's
+    gradient is its own loss's."""
+    return jnp.sum(jax.vmap(member_loss, in_axes=(0, None, None, 0))(models, ens, normaliser, batches))
+
+
+def member_errors(ens: Ensemble, models: dict, normaliser: Normaliser, batch: Batch):
+    """Each member's MSE of its mean (over all predicted values), and its NLL, on the same rows: two
+    [ensemble_size] arrays."""
+    mean, logvar = ensemble_predict(ens, models, normaliser, batch["obs"], batch["action"])
+    target, mask = model_target(batch), batch["mask"]
+    mse = jax.vmap(lambda m: masked_mean(jnp.mean((target - m) ** 2, axis=-1), mask))(mean)
+    nll = jax.vmap(lambda m, lv: gaussian_nll(m, lv, target, mask))(mean, logvar)
+    return mse, nll
+
+
+def select_elites(mse: jax.Array, elites: int) -> jax.Array:
+    """Indices of the `elites` members with the lowest error, best first."""
+    return jax.lax.top_k(-mse, elites)[1]
 
 
 # ------------------------------------------------------------------------------------------------ model buffer
@@ -209,7 +250,7 @@ class MBPOState:
     normaliser: Normaliser
     elites: jax.Array  # int32 [elites]: members that generate rollouts
     model_buffer: ModelBuffer
-    # The last retrain's validation NLL and MSE, averaged over its elites: reported on every agent step.
+    # The last retrain's held-out NLL and MSE, averaged over its elites: reported on every agent step.
     model_nll: jax.Array
     model_mse_elites: jax.Array
 
@@ -219,77 +260,48 @@ MODEL_METRICS = ("model/nll", "model/mse_elites", "model/buffer_size")
 
 def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent:
     """MBPO for one (observation_size, action_size), as pure functions closed over static config."""
-    cfg.validate()
-    sac = make_sac(cfg.sac_config(), observation_size, action_size)
-    sac_sample, sac_gradient_step = sac.extras["sample"], sac.extras["gradient_step"]
-    model_net = GaussianDynamics(cfg.model_hidden, observation_size + 1, cfg.logvar_max_init, cfg.logvar_min_init)
+    nets = sac.sac_networks(cfg, action_size)
+    ens = make_ensemble(cfg, observation_size)
     model_optimizer = optax.adam(cfg.model_lr, eps=cfg.model_adam_eps)
     real_rows = cfg.batch_size - cfg.model_rows
-
-    # -- the ensemble: one member's functions, vmapped over the stacked parameters
-    def predict(member: dict, normaliser: Normaliser, obs: jax.Array, action: jax.Array):
-        return model_net.apply(member, normaliser(obs, action))
-
-    def ensemble_predict(models: dict, normaliser: Normaliser, obs: jax.Array, action: jax.Array):
-        """Every member on the same rows: mean and log-variance [ensemble_size, ..., obs + 1]."""
-        return jax.vmap(predict, in_axes=(0, None, None, None))(models, normaliser, obs, action)
-
-    def member_loss(member: dict, normaliser: Normaliser, batch: Batch) -> jax.Array:
-        mean, logvar = predict(member, normaliser, batch["obs"], batch["action"])
-        bounds = member["params"]["max_logvar"].sum() - member["params"]["min_logvar"].sum()
-        return gaussian_nll(mean, logvar, model_target(batch), batch["mask"]) + cfg.logvar_bound_penalty * bounds
-
-    def ensemble_loss(models: dict, normaliser: Normaliser, batches: Batch) -> jax.Array:
-        """Members' losses on their own minibatches ([ensemble_size, rows] leading axes), summed: each member's
-        gradient is its own loss's."""
-        return jnp.sum(jax.vmap(member_loss, in_axes=(0, None, 0))(models, normaliser, batches))
-
-    def member_errors(models: dict, normaliser: Normaliser, batch: Batch):
-        """Each member's MSE of its mean, and its NLL, on the same rows: two [ensemble_size] arrays."""
-        mean, logvar = ensemble_predict(models, normaliser, batch["obs"], batch["action"])
-        target, mask = model_target(batch), batch["mask"]
-        mse = jax.vmap(lambda m: masked_mean(jnp.mean((target - m) ** 2, axis=-1), mask))(mean)
-        nll = jax.vmap(lambda m, lv: gaussian_nll(m, lv, target, mask))(mean, logvar)
-        return mse, nll
-
-    def select_elites(mse: jax.Array) -> jax.Array:
-        """Indices of the `elites` members with the lowest error, best first."""
-        return jax.lax.top_k(-mse, cfg.elites)[1]
 
     def init(key: jax.Array) -> MBPOState:
         k_sac, k_model = jax.random.split(key)
         x = jnp.zeros((observation_size + action_size,))
-        models = jax.vmap(model_net.init, in_axes=(0, None))(jax.random.split(k_model, cfg.ensemble_size), x)
-        return MBPOState(sac=sac.init(k_sac), model=models, opt_model=model_optimizer.init(models),
+        models = jax.vmap(ens.net.init, in_axes=(0, None))(jax.random.split(k_model, cfg.ensemble_size), x)
+        return MBPOState(sac=sac.init_state(nets, observation_size, k_sac), model=models,
+                         opt_model=model_optimizer.init(models),
                          normaliser=Normaliser(mean=jnp.zeros_like(x), std=jnp.ones_like(x)),
                          elites=jnp.arange(cfg.elites, dtype=jnp.int32),
                          model_buffer=model_buffer_init(cfg.model_capacity, observation_size, action_size),
                          model_nll=jnp.zeros(()), model_mse_elites=jnp.zeros(()))
 
-    def act(state: MBPOState, obs: jax.Array, key: jax.Array, explore: bool) -> jax.Array:
-        return sac.act(state.sac, obs, key, explore)
-
     # -- one agent step's learning
     def retrain(state: MBPOState, sample: Sampler, key: jax.Array) -> MBPOState:
-        """Refit the normaliser, train every member for `model_train_steps` steps on minibatches of its own, then
-        rank the members on the validation draw. That draw comes from the same replay as the training rows (the
-        agent has no held-out split of its own), so the ranking measures fit more than generalisation; with
-        independent minibatches each member still sees a different sample of it."""
-        k_validation, k_train = jax.random.split(key)
-        validation = sample(k_validation, (cfg.model_validation_rows,))
-        normaliser = fit_normaliser(validation["obs"], validation["action"])
+        """Hold out every model_holdout_every-th real transition from a random offset; refit the normaliser on the
+        rest and train every member on it for `model_train_steps` steps, on minibatches of its own; then rank the
+        members by their MSE on the held-out part."""
+        k_offset, k_validation, k_fit, k_train = jax.random.split(key, 4)
+        offset = jax.random.randint(k_offset, (), 0, cfg.model_holdout_every)
+
+        def train_rows(k, shape):
+            return sample(k, shape, split=(offset, cfg.model_holdout_every, False))
+
+        validation = sample(k_validation, (cfg.model_validation_rows,), split=(offset, cfg.model_holdout_every, True))
+        fit = train_rows(k_fit, (cfg.model_validation_rows,))
+        normaliser = fit_normaliser(fit["obs"], fit["action"])
 
         def train_step(carry, k):
             models, opt_state = carry
-            batches = sample(k, (cfg.ensemble_size, cfg.model_batch_size))
-            grads = jax.grad(ensemble_loss)(models, normaliser, batches)
+            grads = jax.grad(ensemble_loss)(models, ens, normaliser,
+                                            train_rows(k, (cfg.ensemble_size, cfg.model_batch_size)))
             updates, opt_state = model_optimizer.update(grads, opt_state, models)
             return (optax.apply_updates(models, updates), opt_state), None
 
         (models, opt_model), _ = jax.lax.scan(train_step, (state.model, state.opt_model),
                                               jax.random.split(k_train, cfg.model_train_steps))
-        mse, nll = member_errors(models, normaliser, validation)
-        elites = select_elites(mse)
+        mse, nll = member_errors(ens, models, normaliser, validation)
+        elites = select_elites(mse, cfg.elites)
         return state.replace(model=models, opt_model=opt_model, normaliser=normaliser, elites=elites,
                              model_nll=jnp.mean(nll[elites]), model_mse_elites=jnp.mean(mse[elites]))
 
@@ -298,8 +310,8 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
         sample from the Gaussian of an elite drawn per rollout."""
         k_start, k_action, k_member, k_noise = jax.random.split(key, 4)
         obs = sample(k_start, (cfg.rollouts,))["obs"]
-        action, _ = sac_sample(state.sac.actor, obs, k_action)
-        mean, logvar = ensemble_predict(state.model, state.normaliser, obs, action)  # [ensemble, rollouts, obs + 1]
+        action, _ = sac.sample_action(nets, state.sac.actor, obs, k_action)
+        mean, logvar = ensemble_predict(ens, state.model, state.normaliser, obs, action)  # [ensemble, rollouts, D]
         member = state.elites[jax.random.randint(k_member, (cfg.rollouts,), 0, cfg.elites)]
         rows = jnp.arange(cfg.rollouts)
         mean, logvar = mean[member, rows], logvar[member, rows]
@@ -323,30 +335,28 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
         state = state.replace(model_buffer=model_buffer_add(state.model_buffer,
                                                             branch_rollouts(state, sample, k_rollout)))
         batches = mixed_batches(state, sample, k_batch)
-        sac_state, metrics = jax.lax.scan(sac_gradient_step, state.sac, (batches, jax.random.split(k_sac, cfg.utd)))
+        sac_state, metrics = jax.lax.scan(lambda s, x: sac.gradient_step(nets, s, *x), state.sac,
+                                          (batches, jax.random.split(k_sac, cfg.utd)))
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update({"model/nll": state.model_nll, "model/mse_elites": state.model_mse_elites,
                         "model/buffer_size": state.model_buffer.size.astype(jnp.float32)})
         return state.replace(sac=sac_state), metrics
 
-    # -- what the trainer's diagnostics read: SAC's critic, on real transitions
-    def target_action(state: MBPOState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        return sac.target_action(state.sac, obs, key)
-
-    def value(state: MBPOState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        return sac.value(state.sac, obs, key)
-
-    def td_error(state: MBPOState, batch: Batch, key: jax.Array) -> jax.Array:
-        return sac.td_error(state.sac, batch, key)
-
     def reset(state: MBPOState, key: jax.Array) -> MBPOState:
         """The "Dyna limits" paper's resets (its Section 5): actor, critics, target critics and temperature start
         afresh; the ensemble, its normaliser and the model buffer are kept."""
-        return state.replace(sac=sac.init(key))
+        return state.replace(sac=sac.init_state(nets, observation_size, key))
 
-    return Agent(name="mbpo", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
-                 metric_names=sac.metric_names + MODEL_METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_error=td_error, reset=reset,
-                 extras={"model_net": model_net, "predict": predict, "ensemble_predict": ensemble_predict,
-                         "member_loss": member_loss, "member_errors": member_errors, "select_elites": select_elites,
-                         "retrain": retrain, "branch_rollouts": branch_rollouts, "mixed_batches": mixed_batches})
+    def model_error(state: MBPOState, batch: Batch) -> jax.Array:
+        mse, _ = member_errors(ens, state.model, state.normaliser, batch)
+        return jnp.mean(mse[state.elites])
+
+    # The trainer's diagnostics read SAC's critic, on real transitions.
+    return Agent(name="mbpo", config=cfg, init=init,
+                 act=lambda state, obs, key, explore: sac.act(nets, state.sac.actor, obs, key, explore),
+                 update=update, batch_size=cfg.batch_size, metric_names=sac.METRICS + MODEL_METRICS, gamma=cfg.gamma,
+                 target_action=lambda state, obs, key: sac.sample_action(nets, state.sac.actor, obs, key)[0],
+                 value=lambda state, obs, key: sac.value(nets, state.sac, obs),
+                 td_error=lambda state, batch, key: sac.td_error(nets, state.sac, batch, key), reset=reset,
+                 model_error=model_error, extras={"retrain": retrain, "branch_rollouts": branch_rollouts,
+                         "mixed_batches": mixed_batches})

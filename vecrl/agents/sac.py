@@ -1,6 +1,9 @@
-"""SAC (Haarnoja et al.), configured as in the "Dyna limits" paper's Table 1 (../shared/spec/baselines.md):
-tanh-Gaussian actor, twin MSE critics with Polyak targets, learned temperature. Read top to bottom: config,
-networks, init, act, then the three updates of one gradient step.
+"""SAC (Haarnoja et al.), configured as the "Dyna limits" paper's code (CLeARoboticsLab/STFL) ran it
+(../shared/spec/baselines.md): tanh-Gaussian actor, twin MSE critics with Polyak targets, learned temperature.
+
+The losses and the steps are module-level pure functions of (networks, state, batch, key), which MBPO and SAC-SVG
+import and tests call directly; `make_sac` only closes them over one configuration. Read top to bottom: config,
+networks, state, the policy, the three losses, the steps of one gradient step, then the agent.
 """
 
 from __future__ import annotations
@@ -15,37 +18,32 @@ from flax import struct
 
 from vecrl.agents.base import Agent, Batch, Sampler
 from vecrl.networks import MLP
+from vecrl.validation import FINITE, POSITIVE, POSITIVE_INT, UNIT_LEFT_OPEN, UNIT_RIGHT_OPEN, rule
 
 
 @dataclasses.dataclass(frozen=True)
 class SACConfig:
-    hidden: int = 256  # two hidden ReLU layers in actor and critics
-    gamma: float = 0.99
-    tau: float = 0.005  # target <- (1 - tau) * target + tau * online after every critic update
-    lr: float = 3e-4  # actor, critics and temperature
-    adam_eps: float = 1.5e-4
-    batch_size: int = 256
-    utd: int = 20  # gradient steps per agent step (the paper's "updates per step")
-    init_temperature: float = 1.0
-    target_entropy_scale: float = 1.0  # target entropy = -scale * action_size
-    # Not in the paper's table: the usual bounds of the actor's log standard deviation (squashed into them).
-    log_std_min: float = -5.0
-    log_std_max: float = 2.0
+    hidden: int = rule(256, POSITIVE_INT)  # two hidden ReLU layers in actor and critics
+    gamma: float = rule(0.99, UNIT_RIGHT_OPEN)
+    tau: float = rule(0.005, UNIT_LEFT_OPEN)  # target <- (1 - tau) target + tau online after every critic step
+    lr: float = rule(3e-4, POSITIVE)  # actor, critics and temperature
+    # optax's default, which the paper's code uses (its Table 1 gives 1.5e-4).
+    adam_eps: float = rule(1e-8, POSITIVE)
+    batch_size: int = rule(256, POSITIVE_INT)
+    utd: int = rule(20, POSITIVE_INT)  # gradient steps per agent step (the paper's "updates per step")
+    init_temperature: float = rule(1.0, POSITIVE)
+    # Target entropy = -scale * action_size: the paper's code uses -|A| / 2, for SAC and MBPO alike.
+    target_entropy_scale: float = rule(0.5, FINITE)
+    # The bounds the actor's log standard deviation is squashed into, as in the paper's code.
+    log_std_min: float = rule(-10.0, FINITE)
+    log_std_max: float = rule(2.0, FINITE)
 
-    def validate(self) -> None:
-        for name in ("hidden", "batch_size", "utd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"sac.{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.gamma < 1.0 or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"sac.gamma must be in [0, 1) and tau in (0, 1], got {self.gamma}, {self.tau}")
-        for name in ("lr", "adam_eps", "init_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"sac.{name} must be > 0, got {getattr(self, name)}")
+    def relations(self, section: str):
         if not self.log_std_min < self.log_std_max:
-            raise ValueError("sac.log_std_min must be below sac.log_std_max")
+            yield f"{section}.log_std_min ({self.log_std_min}) must be below {section}.log_std_max ({self.log_std_max})"
 
 
+# ------------------------------------------------------------------------------------------------ networks
 class TwinCritic(nn.Module):
     hidden: int
 
@@ -54,6 +52,25 @@ class TwinCritic(nn.Module):
         x = jnp.concatenate([obs, action], axis=-1)
         return jnp.stack([MLP((self.hidden, self.hidden), 1, layer_norm=False, activation=jax.nn.relu,
                               name=f"q_{i}")(x)[..., 0] for i in range(2)])  # [2, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SACNetworks:
+    """What SAC's functions need besides parameters: the modules and the configuration."""
+
+    cfg: SACConfig
+    actor: nn.Module  # obs -> [mean, unsquashed log std]
+    critic: TwinCritic
+    action_size: int
+
+
+def sac_networks(cfg: SACConfig, action_size: int) -> SACNetworks:
+    actor = MLP((cfg.hidden, cfg.hidden), 2 * action_size, layer_norm=False, activation=jax.nn.relu)
+    return SACNetworks(cfg=cfg, actor=actor, critic=TwinCritic(cfg.hidden), action_size=action_size)
+
+
+def adam(cfg: SACConfig, lr: float | None = None) -> optax.GradientTransformation:
+    return optax.adam(cfg.lr if lr is None else lr, eps=cfg.adam_eps)
 
 
 @struct.dataclass
@@ -67,9 +84,18 @@ class SACState:
     opt_temperature: optax.OptState
 
 
-METRICS = ("loss/critic", "loss/actor", "loss/temperature", "temperature", "entropy", "q_mean")
+def init_state(nets: SACNetworks, observation_size: int, key: jax.Array) -> SACState:
+    k_actor, k_critic = jax.random.split(key)
+    obs, a = jnp.zeros((observation_size,)), jnp.zeros((nets.action_size,))
+    actor, critic = nets.actor.init(k_actor, obs), nets.critic.init(k_critic, obs, a)
+    log_temperature = jnp.log(jnp.asarray(nets.cfg.init_temperature, jnp.float32))
+    optimizer = adam(nets.cfg)
+    return SACState(actor=actor, critic=critic, critic_target=critic, log_temperature=log_temperature,
+                    opt_actor=optimizer.init(actor), opt_critic=optimizer.init(critic),
+                    opt_temperature=optimizer.init(log_temperature))
 
 
+# ------------------------------------------------------------------------------------------------ the policy
 def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
     """log pi(tanh(u)) for u ~ N(mean, exp(log_std)): the Gaussian density and the tanh Jacobian, with
     log(1 - tanh(u)^2) written as 2 (log 2 - u - softplus(-2u)) to stay finite for large |u|."""
@@ -78,110 +104,131 @@ def tanh_gaussian_log_prob(u: jax.Array, mean: jax.Array, log_std: jax.Array) ->
     return jnp.sum(gauss - jacobian, axis=-1)
 
 
+def policy(nets: SACNetworks, actor: dict, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Gaussian before the tanh: mean and log std, the latter squashed into [log_std_min, log_std_max]."""
+    cfg = nets.cfg
+    mean, raw = jnp.split(nets.actor.apply(actor, obs), 2, axis=-1)
+    log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (jnp.tanh(raw) + 1.0)
+    return mean, log_std
+
+
+def sample_action(nets: SACNetworks, actor: dict, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A reparameterised action and its log-probability."""
+    mean, log_std = policy(nets, actor, obs)
+    u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    return jnp.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
+
+
+def mean_action(nets: SACNetworks, actor: dict, obs: jax.Array) -> jax.Array:
+    """The evaluated (deterministic) policy: tanh of the Gaussian's mean."""
+    return jnp.tanh(policy(nets, actor, obs)[0])
+
+
+def act(nets: SACNetworks, actor: dict, obs: jax.Array, key: jax.Array, explore: bool) -> jax.Array:
+    """The Agent interface's act: a sampled action while exploring, else the mean action."""
+    return sample_action(nets, actor, obs, key)[0] if explore else mean_action(nets, actor, obs)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+# Rows of one minibatch; `mask` weighs out transitions whose next observation is not stored.
+def critic_loss(critic: dict, nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
+    """Both heads' squared error to the soft TD target of the target critics' minimum: (loss, mean Q)."""
+    next_action, next_logp = sample_action(nets, state.actor, batch["next_obs"], key)
+    q_next = jnp.min(nets.critic.apply(state.critic_target, batch["next_obs"], next_action), axis=0)
+    soft_next = q_next - jnp.exp(state.log_temperature) * next_logp
+    target = jax.lax.stop_gradient(batch["reward"] + nets.cfg.gamma * soft_next)
+    q = nets.critic.apply(critic, batch["obs"], batch["action"])  # [2, B]
+    return jnp.mean(batch["mask"] * jnp.sum((q - target) ** 2, axis=0)), jnp.mean(q)
+
+
+def actor_loss(actor: dict, nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
+    """alpha log pi(a|s) - min Q(s, a) for a reparameterised a: (loss, log-probabilities)."""
+    action, logp = sample_action(nets, actor, batch["obs"], key)
+    q = jnp.min(nets.critic.apply(state.critic, batch["obs"], action), axis=0)
+    return jnp.mean(batch["mask"] * (jnp.exp(state.log_temperature) * logp - q)), logp
+
+
 def temperature_loss(log_temperature: jax.Array, logp: jax.Array, mask: jax.Array,
                      target_entropy: jax.Array) -> jax.Array:
-    """SAC's temperature objective: its gradient raises the temperature while the policy's entropy (-logp, over
-    the rows with mask 1) is below the target, and lowers it while above."""
-    entropy_gap = jax.lax.stop_gradient(jnp.sum(mask * (logp + target_entropy)) / jnp.maximum(jnp.sum(mask), 1.0))
-    return -log_temperature * entropy_gap
+    """alpha (entropy - target), the entropy (-logp over the rows with mask 1) held fixed: its gradient raises the
+    temperature while the policy's entropy is below the target and lowers it while above, in steps scaled by alpha
+    as in both reference codes (STFL's and SAC-SVG's)."""
+    entropy = -jnp.sum(mask * logp) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.exp(log_temperature) * jax.lax.stop_gradient(entropy - target_entropy)
 
 
+# ------------------------------------------------------------------------------------------------ steps
+def critic_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
+    """One critic step and the target's Polyak update: (state, (loss, mean Q))."""
+    (loss, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, nets, state, batch, key)
+    updates, opt_critic = adam(nets.cfg).update(g, state.opt_critic, state.critic)
+    critic = optax.apply_updates(state.critic, updates)
+    return state.replace(critic=critic, opt_critic=opt_critic,
+                         critic_target=optax.incremental_update(critic, state.critic_target, nets.cfg.tau)), \
+        (loss, q_mean)
+
+
+def apply_actor_gradient(nets: SACNetworks, state: SACState, grads: dict) -> SACState:
+    updates, opt_actor = adam(nets.cfg).update(grads, state.opt_actor, state.actor)
+    return state.replace(actor=optax.apply_updates(state.actor, updates), opt_actor=opt_actor)
+
+
+def temperature_step(state: SACState, logp: jax.Array, mask: jax.Array, target_entropy: jax.Array,
+                     optimizer: optax.GradientTransformation):
+    """One temperature step toward `target_entropy` given the actor step's log-probabilities: (state, loss)."""
+    loss, g = jax.value_and_grad(temperature_loss)(state.log_temperature, logp, mask, target_entropy)
+    updates, opt_t = optimizer.update(g, state.opt_temperature, state.log_temperature)
+    return state.replace(log_temperature=optax.apply_updates(state.log_temperature, updates),
+                         opt_temperature=opt_t), loss
+
+
+def gradient_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
+    """SAC's critic, actor and temperature steps on one minibatch: (state, metrics)."""
+    k_critic, k_actor = jax.random.split(key)
+    state, (loss_c, q_mean) = critic_step(nets, state, batch, k_critic)
+    (loss_a, logp), g = jax.value_and_grad(actor_loss, has_aux=True)(state.actor, nets, state, batch, k_actor)
+    state = apply_actor_gradient(nets, state, g)
+    state, loss_t = temperature_step(state, logp, batch["mask"], target_entropy(nets), adam(nets.cfg))
+    return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
+                   "temperature": jnp.exp(state.log_temperature), "entropy": -jnp.mean(logp), "q_mean": q_mean}
+
+
+def target_entropy(nets: SACNetworks) -> float:
+    return -nets.cfg.target_entropy_scale * nets.action_size
+
+
+METRICS = ("loss/critic", "loss/actor", "loss/temperature", "temperature", "entropy", "q_mean")
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+def value(nets: SACNetworks, state: SACState, obs: jax.Array) -> jax.Array:
+    """The twin minimum at the action the evaluated (deterministic) policy takes. SAC's Q includes future entropy
+    bonuses, which the Monte-Carlo return it is compared with does not."""
+    return jnp.min(nets.critic.apply(state.critic, obs, mean_action(nets, state.actor, obs)), axis=0)
+
+
+def td_error(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array) -> jax.Array:
+    """The critic loss's squared error per head, averaged over the rows with mask 1."""
+    loss, _ = critic_loss(state.critic, nets, state, batch, key)  # masked mean over rows of the sum over two heads
+    return loss / 2.0 / jnp.maximum(jnp.mean(batch["mask"]), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the agent
 def make_sac(cfg: SACConfig, observation_size: int, action_size: int) -> Agent:
-    cfg.validate()
-    actor_net = MLP((cfg.hidden, cfg.hidden), 2 * action_size, layer_norm=False, activation=jax.nn.relu)
-    critic_net = TwinCritic(cfg.hidden)
-    optimizer = optax.adam(cfg.lr, eps=cfg.adam_eps)
-    target_entropy = -cfg.target_entropy_scale * action_size
-
-    def actor_dist(params, obs):
-        mean, raw = jnp.split(actor_net.apply(params, obs), 2, axis=-1)
-        log_std = cfg.log_std_min + 0.5 * (cfg.log_std_max - cfg.log_std_min) * (jnp.tanh(raw) + 1.0)
-        return mean, log_std
-
-    def sample(params, obs, key):
-        """A reparameterised action and its log-probability."""
-        mean, log_std = actor_dist(params, obs)
-        u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-        return jnp.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
-
-    def init(key: jax.Array) -> SACState:
-        k_actor, k_critic = jax.random.split(key)
-        obs, a = jnp.zeros((observation_size,)), jnp.zeros((action_size,))
-        actor, critic = actor_net.init(k_actor, obs), critic_net.init(k_critic, obs, a)
-        log_temperature = jnp.log(jnp.asarray(cfg.init_temperature, jnp.float32))
-        return SACState(actor=actor, critic=critic, critic_target=critic, log_temperature=log_temperature,
-                        opt_actor=optimizer.init(actor), opt_critic=optimizer.init(critic),
-                        opt_temperature=optimizer.init(log_temperature))
-
-    def act(state: SACState, obs: jax.Array, key: jax.Array, explore: bool) -> jax.Array:
-        if explore:
-            return sample(state.actor, obs, key)[0]
-        return jnp.tanh(actor_dist(state.actor, obs)[0])
-
-    # -- losses (rows of one minibatch; `mask` weighs out transitions whose next observation is not stored)
-    def critic_loss(critic, state: SACState, batch: Batch, key: jax.Array):
-        next_action, next_logp = sample(state.actor, batch["next_obs"], key)
-        q_next = jnp.min(critic_net.apply(state.critic_target, batch["next_obs"], next_action), axis=0)
-        soft_next = q_next - jnp.exp(state.log_temperature) * next_logp
-        target = jax.lax.stop_gradient(batch["reward"] + cfg.gamma * soft_next)
-        q = critic_net.apply(critic, batch["obs"], batch["action"])  # [2, B]
-        return jnp.mean(batch["mask"] * jnp.sum((q - target) ** 2, axis=0)), jnp.mean(q)
-
-    def actor_loss(actor, state: SACState, batch: Batch, key: jax.Array):
-        action, logp = sample(actor, batch["obs"], key)
-        q = jnp.min(critic_net.apply(state.critic, batch["obs"], action), axis=0)
-        return jnp.mean(batch["mask"] * (jnp.exp(state.log_temperature) * logp - q)), logp
-
-    def critic_step(state: SACState, batch: Batch, key: jax.Array):
-        """One critic step and the target's Polyak update: (state, (loss, q_mean))."""
-        (loss_c, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, state, batch, key)
-        updates, opt_critic = optimizer.update(g, state.opt_critic, state.critic)
-        critic = optax.apply_updates(state.critic, updates)
-        state = state.replace(critic=critic, opt_critic=opt_critic,
-                              critic_target=optax.incremental_update(critic, state.critic_target, cfg.tau))
-        return state, (loss_c, q_mean)
-
-    def gradient_step(state: SACState, inputs):
-        batch, key = inputs
-        k_critic, k_actor = jax.random.split(key)
-        state, (loss_c, q_mean) = critic_step(state, batch, k_critic)
-
-        (loss_a, logp), g = jax.value_and_grad(actor_loss, has_aux=True)(state.actor, state, batch, k_actor)
-        updates, opt_actor = optimizer.update(g, state.opt_actor, state.actor)
-        state = state.replace(actor=optax.apply_updates(state.actor, updates), opt_actor=opt_actor)
-
-        loss_t, g = jax.value_and_grad(temperature_loss)(state.log_temperature, logp, batch["mask"], target_entropy)
-        updates, opt_t = optimizer.update(g, state.opt_temperature, state.log_temperature)
-        state = state.replace(log_temperature=optax.apply_updates(state.log_temperature, updates), opt_temperature=opt_t)
-        return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
-                       "temperature": jnp.exp(state.log_temperature), "entropy": -jnp.mean(logp), "q_mean": q_mean}
+    nets = sac_networks(cfg, action_size)
 
     def update(state: SACState, sample: Sampler, key: jax.Array, step: jax.Array):
         del step
         k_sample, key = jax.random.split(key)
         batches = sample(k_sample, (cfg.utd, cfg.batch_size))
-        state, metrics = jax.lax.scan(gradient_step, state, (batches, jax.random.split(key, cfg.utd)))
+        state, metrics = jax.lax.scan(lambda s, x: gradient_step(nets, s, *x), state,
+                                      (batches, jax.random.split(key, cfg.utd)))
         return state, jax.tree.map(jnp.mean, metrics)
 
-    # -- what the trainer's diagnostics read
-    def target_action(state: SACState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        return sample(state.actor, obs, key)[0]  # the TD target evaluates a sampled action
-
-    def value(state: SACState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        """The twin minimum at the action the evaluated (deterministic) policy takes. SAC's Q includes future
-        entropy bonuses, which the Monte-Carlo return it is compared with does not."""
-        del key
-        return jnp.min(critic_net.apply(state.critic, obs, jnp.tanh(actor_dist(state.actor, obs)[0])), axis=0)
-
-    def td_error(state: SACState, batch: Batch, key: jax.Array) -> jax.Array:
-        loss, _ = critic_loss(state.critic, state, batch, key)  # masked mean over rows of the sum over two heads
-        return loss / 2.0 / jnp.maximum(jnp.mean(batch["mask"]), 1e-6)
-
-    return Agent(name="sac", config=cfg, init=init, act=act, update=update, batch_size=cfg.batch_size,
-                 metric_names=METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_error=td_error,
-                 extras={"actor_dist": actor_dist, "sample": sample, "critic_loss": critic_loss,
-                         "actor_loss": actor_loss, "critic_net": critic_net, "critic_step": critic_step,
-                         # One critic, actor and temperature step on a given minibatch, for agents built on SAC
-                         # (MBPO feeds it batches of model and real rows): (state, (batch, key)) -> (state, metrics).
-                         "gradient_step": gradient_step})
+    return Agent(name="sac", config=cfg, init=lambda key: init_state(nets, observation_size, key),
+                 act=lambda state, obs, key, explore: act(nets, state.actor, obs, key, explore),
+                 update=update, batch_size=cfg.batch_size, metric_names=METRICS, gamma=cfg.gamma,
+                 # the TD target evaluates a sampled action
+                 target_action=lambda state, obs, key: sample_action(nets, state.actor, obs, key)[0],
+                 value=lambda state, obs, key: value(nets, state, obs),
+                 td_error=lambda state, batch, key: td_error(nets, state, batch, key))

@@ -3,9 +3,11 @@
 dynamics model and reward net, ending in SAC's critic, while the critic and the temperature learn as SAC's on
 real transitions. Read top to bottom: config, the model, init, the losses, then one agent step's update.
 
-The SAC part is vecrl.agents.sac itself (its networks, action sampling, critic step and losses, temperature loss);
-this module adds the model, the value-expansion actor loss, the target-entropy schedule, and the temperature's
-own learning rate (the paper's Table 3 gives it 5e-4, its actor and critic 1e-4).
+The SAC part is vecrl.agents.sac's module functions (networks, action sampling, critic step, temperature step);
+this module adds the model, the value-expansion actor loss, the target-entropy schedule, the temperature's own
+learning rate (the paper's Table 3 gives it 5e-4, its actor and critic 1e-4), and three things of the paper's
+released code: observations standardised by running statistics for every network, the dynamics model's gradient
+norm clipped at 1, and its multi-step loss not differentiated through its own predicted states (detach_xt).
 
 H counts model steps, as in the paper's value expansion (its eqs. 3 and 9) and its "SAC is SVG(0)":
 
@@ -26,75 +28,66 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from vecrl.agents import sac
 from vecrl.agents.base import Agent, Batch, Sampler
 from vecrl.agents.mbpo import masked_mean
-from vecrl.agents.sac import SACConfig, SACState, make_sac, temperature_loss
+from vecrl.agents.sac import SACConfig, SACState
 from vecrl.networks import MLP
+from vecrl.running_stats import RunningStats, running_stats_add, running_stats_init, standardise
+from vecrl.validation import (BOOL, FINITE, FINITE_OR_UNSET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
+                              POSITIVE_INT, rule)
 
 
 @dataclasses.dataclass(frozen=True)
-class SVGConfig:
-    # -- the SAC part: SACConfig's fields (see vecrl/agents/sac.py) with the paper's values (its Table 3)
-    hidden: int = 512  # two hidden ReLU layers in actor and critics
-    gamma: float = 0.99
-    tau: float = 0.005  # target <- (1 - tau) * target + tau * online after every critic update
-    lr: float = 1e-4  # actor and critics
-    # The paper's optimisers are PyTorch's Adam with its defaults (its table gives no epsilon).
-    adam_eps: float = 1e-8
-    batch_size: int = 512  # rows of each single-step minibatch: critic, actor, temperature and reward net
-    utd: int = 1  # single-step gradient steps per agent step (the table's N_step)
-    init_temperature: float = 0.1
-    log_std_min: float = -5.0
-    log_std_max: float = 2.0
-    temperature_lr: float = 5e-4
+class SVGConfig(SACConfig):
+    """SACConfig's fields with the paper's values (its Table 3), and the model's. Where the released code's
+    train.yaml differs from Table 3 (actor and critics 4 x 512, a linear decoder, temperature lr 1e-4, single-step
+    batch 1,024 and sequence batch 512), Table 3 is followed and the spec files say so."""
+
+    hidden: int = rule(512, POSITIVE_INT)  # two hidden ReLU layers in actor and critics
+    lr: float = rule(1e-4, POSITIVE)  # actor and critics
+    adam_eps: float = rule(1e-8, POSITIVE)  # PyTorch's Adam default, as the paper's code
+    batch_size: int = rule(512, POSITIVE_INT)  # rows of each single-step minibatch: critic, actor, temperature, reward
+    utd: int = rule(1, POSITIVE_INT)  # single-step gradient steps per agent step (the table's N_step)
+    init_temperature: float = rule(0.1, POSITIVE)
+    log_std_min: float = rule(-5.0, FINITE)
+    temperature_lr: float = rule(5e-4, POSITIVE)
     # -- the target entropy, decayed as the paper's eq. 14 (its App. A.1) over agent steps t:
     # (init - final) * (1 - min(t, T) / T) ** decay + final. The paper tunes the three per task (its Table 4);
-    # unset, init is SAC's usual -action_size and final equals init (a fixed target).
-    target_entropy_init: float | None = None
-    target_entropy_final: float | None = None
-    target_entropy_decay: float = 0.0  # beta; 0 keeps the target at init
-    target_entropy_steps: int = 1_000_000  # T: set it to the run's train.steps
+    # unset, init is -target_entropy_scale * action_size (SAC's usual -|A|) and final equals init (a fixed target).
+    target_entropy_scale: float = rule(1.0, FINITE)
+    target_entropy_init: float | None = rule(None, FINITE_OR_UNSET)
+    target_entropy_final: float | None = rule(None, FINITE_OR_UNSET)
+    target_entropy_decay: float = rule(0.0, NON_NEGATIVE)  # beta; 0 keeps the target at init
+    target_entropy_steps: int = rule(1_000_000, POSITIVE_INT)  # T: set it to the run's train.steps
+    # -- observation normalisation, as the paper's code: every network (actor, critics, reward net, model) sees
+    # observations standardised by a running mean and standard deviation (Welford's) of every observation the
+    # agent collected for training, the standard deviation clamped into [obs_std_min, obs_std_max]; the model
+    # predicts in those units. Off, every network sees raw observations.
+    obs_norm: bool = rule(True, BOOL)
+    obs_std_min: float = rule(0.1, POSITIVE)
+    obs_std_max: float = rule(10.0, POSITIVE)
     # -- the model (the paper's Sec. 4.2 and Table 3)
-    horizon: int = 2  # H model steps in the actor's value expansion (the paper fixes 2 on its MBPO tasks); 0 is SAC
-    model_hidden: int = 512  # encoder, decoder and reward MLPs (two hidden layers each) and each GRU layer
-    gru_layers: int = 2
-    model_lr: float = 1e-3  # dynamics and reward net
-    model_batch_size: int = 1024  # sequences of `horizon` transitions per dynamics step
-    model_updates: int = 4  # dynamics steps per agent step (the table's N_seq)
+    horizon: int = rule(2, NON_NEGATIVE_INT)  # H model steps in the actor's value expansion; 0 is SAC
+    model_hidden: int = rule(512, POSITIVE_INT)  # encoder, decoder and reward MLPs (two hidden layers each), GRUs
+    gru_layers: int = rule(2, POSITIVE_INT)
+    model_lr: float = rule(1e-3, POSITIVE)  # dynamics and reward net
+    model_grad_clip: float = rule(1.0, POSITIVE)  # the dynamics model's gradient norm, clipped as in the code
+    # As the code: the dynamics loss does not differentiate through the model's own predicted states, only through
+    # its GRU states (each step still takes the previous prediction as input). The actor's expansion does.
+    detach_xt: bool = rule(True, BOOL)
+    model_batch_size: int = rule(1024, POSITIVE_INT)  # sequences of `horizon` transitions per dynamics step
+    model_updates: int = rule(4, POSITIVE_INT)  # dynamics steps per agent step (the table's N_seq)
     # Not in the paper: the agent step from which the actor's objective goes through the model; before it, the
     # actor takes SAC's steps while the model trains (the authors' code's `warmup_steps`, 10,000 in some of its
     # task configs). 0 uses the model from the first update, as the paper's Algorithm 1.
-    model_actor_start: int = 0
+    model_actor_start: int = rule(0, NON_NEGATIVE_INT)
 
-    def sac_config(self) -> SACConfig:
-        """The SAC part; its own temperature settings (one learning rate for all, a fixed target) go unused."""
-        shared = ("hidden", "gamma", "tau", "lr", "adam_eps", "batch_size", "utd", "init_temperature",
-                  "log_std_min", "log_std_max")
-        return SACConfig(**{name: getattr(self, name) for name in shared})
-
-    def validate(self) -> None:
-        try:
-            self.sac_config().validate()
-        except ValueError as e:  # SAC's own rules, reported under this section's name
-            raise ValueError(str(e).replace("sac.", "svg.")) from None
-        for name in ("model_hidden", "gru_layers", "model_batch_size", "model_updates", "target_entropy_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"svg.{name} must be a positive integer, got {value!r}")
-        for name in ("horizon", "model_actor_start"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"svg.{name} must be a non-negative integer, got {value!r}")
-        for name in ("temperature_lr", "model_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"svg.{name} must be > 0, got {getattr(self, name)}")
-        if not self.target_entropy_decay >= 0:
-            raise ValueError(f"svg.target_entropy_decay (beta) must be >= 0, got {self.target_entropy_decay}: a "
-                             "negative power of (1 - t/T) grows without bound as t reaches T")
-        for name in ("target_entropy_init", "target_entropy_final"):
-            value = getattr(self, name)
-            if value is not None and not abs(value) < float("inf"):
-                raise ValueError(f"svg.{name} must be a finite number or unset, got {value}")
+    def relations(self, section: str):
+        yield from super().relations(section)
+        if not self.obs_std_min <= self.obs_std_max:
+            yield (f"{section}.obs_std_min ({self.obs_std_min}) must not exceed {section}.obs_std_max "
+                   f"({self.obs_std_max})")
 
 
 def target_entropy_schedule(step: jax.Array, init: float, final: float, decay: float, steps: int) -> jax.Array:
@@ -132,6 +125,7 @@ class SVGState:
     reward: dict
     opt_dynamics: optax.OptState
     opt_reward: optax.OptState
+    obs_stats: RunningStats  # of every training observation collected; kept through resets
 
 
 MODEL_METRICS = ("target_entropy", "model/obs_mse", "model/reward_mse")
@@ -139,21 +133,29 @@ MODEL_METRICS = ("target_entropy", "model/obs_mse", "model/reward_mse")
 
 def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
     """SAC-SVG(H) for one (observation_size, action_size), as pure functions closed over static config."""
-    cfg.validate()
-    sac = make_sac(cfg.sac_config(), observation_size, action_size)
-    sac_sample, sac_critic_step = sac.extras["sample"], sac.extras["critic_step"]
-    sac_actor_loss, critic_net = sac.extras["actor_loss"], sac.extras["critic_net"]
+    nets = sac.sac_networks(cfg, action_size)
     dynamics_net = RecurrentDynamics(cfg.model_hidden, cfg.gru_layers, observation_size)
     reward_net = MLP((cfg.model_hidden, cfg.model_hidden), 1, layer_norm=False, activation=jax.nn.relu)
-    actor_optimizer = optax.adam(cfg.lr, eps=cfg.adam_eps)  # SAC's actor and critic optimiser, the same settings
-    temperature_optimizer = optax.adam(cfg.temperature_lr, eps=cfg.adam_eps)
-    model_optimizer = optax.adam(cfg.model_lr, eps=cfg.adam_eps)
-    entropy_init = -float(action_size) if cfg.target_entropy_init is None else cfg.target_entropy_init
+    temperature_optimizer = sac.adam(cfg, cfg.temperature_lr)
+    dynamics_optimizer = optax.chain(optax.clip_by_global_norm(cfg.model_grad_clip), sac.adam(cfg, cfg.model_lr))
+    reward_optimizer = sac.adam(cfg, cfg.model_lr)
+    entropy_init = (-cfg.target_entropy_scale * action_size if cfg.target_entropy_init is None
+                    else cfg.target_entropy_init)
     entropy_final = entropy_init if cfg.target_entropy_final is None else cfg.target_entropy_final
 
     def target_entropy(step: jax.Array) -> jax.Array:
         return target_entropy_schedule(step, entropy_init, entropy_final, cfg.target_entropy_decay,
                                        cfg.target_entropy_steps)
+
+    # -- what every network sees: observations in the running statistics' units (or raw, without obs_norm)
+    def normalise(state: SVGState, obs: jax.Array) -> jax.Array:
+        return standardise(state.obs_stats, obs, cfg.obs_std_min, cfg.obs_std_max) if cfg.obs_norm else obs
+
+    def normalised(state: SVGState, batch: Batch) -> Batch:
+        return {**batch, "obs": normalise(state, batch["obs"]), "next_obs": normalise(state, batch["next_obs"])}
+
+    def observe(state: SVGState, obs: jax.Array, valid: jax.Array) -> SVGState:
+        return state.replace(obs_stats=running_stats_add(state.obs_stats, obs, valid)) if cfg.obs_norm else state
 
     def zero_hidden(batch_shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
         """The GRU states a rollout starts from: zero, as in the paper, so that any replay state can start one."""
@@ -164,9 +166,11 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
 
     def unroll(dynamics: dict, obs: jax.Array, actions: jax.Array) -> jax.Array:
         """The model's predicted observations x_1..x_L [..., L, obs] from x_0 = obs [..., obs] under the given
-        actions [..., L, act], each step fed the previous prediction."""
+        actions [..., L, act], each step fed the previous prediction (held constant for the gradient with
+        detach_xt)."""
         def step(carry, action):
             hidden, x = carry
+            x = jax.lax.stop_gradient(x) if cfg.detach_xt else x
             hidden, x = dynamics_net.apply(dynamics, hidden, x, action)
             return (hidden, x), x
 
@@ -174,7 +178,7 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         return jnp.moveaxis(predicted, 0, -2)
 
     def init_sac(key: jax.Array) -> SACState:
-        state = sac.init(key)
+        state = sac.init_state(nets, observation_size, key)
         return state.replace(opt_temperature=temperature_optimizer.init(state.log_temperature))
 
     def init(key: jax.Array) -> SVGState:
@@ -183,12 +187,10 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         dynamics = dynamics_net.init(k_dynamics, zero_hidden(()), obs, action)
         reward = reward_net.init(k_reward, jnp.concatenate([obs, action]))
         return SVGState(sac=init_sac(k_sac), dynamics=dynamics, reward=reward,
-                        opt_dynamics=model_optimizer.init(dynamics), opt_reward=model_optimizer.init(reward))
+                        opt_dynamics=dynamics_optimizer.init(dynamics), opt_reward=reward_optimizer.init(reward),
+                        obs_stats=running_stats_init(observation_size))
 
-    def act(state: SVGState, obs: jax.Array, key: jax.Array, explore: bool) -> jax.Array:
-        return sac.act(state.sac, obs, key, explore)
-
-    # -- losses
+    # -- losses, on normalised observations
     def dynamics_loss(dynamics: dict, sequences: Batch) -> jax.Array:
         """The paper's multi-step loss (its eq. 10): the model rolled from each sequence's first observation under
         its stored actions, every prediction's squared error (averaged over features) weighted by the step's mask,
@@ -209,12 +211,12 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         x, hidden = batch["obs"], zero_hidden(batch["obs"].shape[:-1])
         value, first_logp = 0.0, None
         for t in range(cfg.horizon):
-            u, logp = sac_sample(actor, x, jax.random.fold_in(key, t))
+            u, logp = sac.sample_action(nets, actor, x, jax.random.fold_in(key, t))
             first_logp = logp if first_logp is None else first_logp
             value = value + cfg.gamma ** t * (predict_reward(state.reward, x, u) - alpha * logp)
             hidden, x = dynamics_net.apply(state.dynamics, hidden, x, u)
-        u, logp = sac_sample(actor, x, jax.random.fold_in(key, cfg.horizon))
-        q = jnp.min(critic_net.apply(state.sac.critic, x, u), axis=0)
+        u, logp = sac.sample_action(nets, actor, x, jax.random.fold_in(key, cfg.horizon))
+        q = jnp.min(nets.critic.apply(state.sac.critic, x, u), axis=0)
         value = value + cfg.gamma ** cfg.horizon * (q - alpha * logp)
         first_logp = logp if first_logp is None else first_logp
         return jnp.mean(batch["mask"] * -value), first_logp
@@ -227,7 +229,7 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
             return jax.value_and_grad(actor_loss, has_aux=True)(state.sac.actor, state, batch, key)
 
         def model_free():
-            return jax.value_and_grad(sac_actor_loss, has_aux=True)(state.sac.actor, state.sac, batch,
+            return jax.value_and_grad(sac.actor_loss, has_aux=True)(state.sac.actor, nets, state.sac, batch,
                                                                     jax.random.fold_in(key, 0))
 
         if cfg.horizon == 0 or cfg.model_actor_start == 0:  # the two coincide, or the model is always used
@@ -237,26 +239,20 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
     # -- one agent step's learning
     def gradient_step(state: SVGState, batch: Batch, key: jax.Array, entropy_target: jax.Array,
                       use_model: jax.Array):
-        """One single-step update (the paper's Algorithm 1): SAC's critic step, the actor's step, the temperature's
-        step toward the scheduled target, and the reward net's step, all on one minibatch of real transitions."""
+        """One single-step update (the paper's Algorithm 1) on one minibatch of real transitions, observations
+        normalised: SAC's critic step, the actor's step, the temperature's step toward the scheduled target, and
+        the reward net's step."""
         k_critic, k_actor = jax.random.split(key)
-        sac_state, (loss_c, q_mean) = sac_critic_step(state.sac, batch, k_critic)
+        sac_state, (loss_c, q_mean) = sac.critic_step(nets, state.sac, batch, k_critic)
         state = state.replace(sac=sac_state)
-
         (loss_a, logp), g = actor_gradient(state, batch, k_actor, use_model)
-        updates, opt_actor = actor_optimizer.update(g, sac_state.opt_actor, sac_state.actor)
-        sac_state = sac_state.replace(actor=optax.apply_updates(sac_state.actor, updates), opt_actor=opt_actor)
-
-        loss_t, g = jax.value_and_grad(temperature_loss)(sac_state.log_temperature, logp, batch["mask"],
-                                                         entropy_target)
-        updates, opt_t = temperature_optimizer.update(g, sac_state.opt_temperature, sac_state.log_temperature)
-        sac_state = sac_state.replace(log_temperature=optax.apply_updates(sac_state.log_temperature, updates),
-                                      opt_temperature=opt_t)
+        sac_state = sac.apply_actor_gradient(nets, sac_state, g)
+        sac_state, loss_t = sac.temperature_step(sac_state, logp, batch["mask"], entropy_target,
+                                                 temperature_optimizer)
         state = state.replace(sac=sac_state)
-
         if cfg.horizon > 0:  # SAC (H = 0) never uses the reward net
             loss_r, g = jax.value_and_grad(reward_loss)(state.reward, batch)
-            updates, opt_reward = model_optimizer.update(g, state.opt_reward, state.reward)
+            updates, opt_reward = reward_optimizer.update(g, state.opt_reward, state.reward)
             state = state.replace(reward=optax.apply_updates(state.reward, updates), opt_reward=opt_reward)
         else:
             loss_r = jnp.zeros(())
@@ -266,20 +262,22 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
 
     def dynamics_step(state: SVGState, sequences: Batch):
         loss, g = jax.value_and_grad(dynamics_loss)(state.dynamics, sequences)
-        updates, opt_dynamics = model_optimizer.update(g, state.opt_dynamics, state.dynamics)
+        updates, opt_dynamics = dynamics_optimizer.update(g, state.opt_dynamics, state.dynamics)
         return state.replace(dynamics=optax.apply_updates(state.dynamics, updates), opt_dynamics=opt_dynamics), loss
 
     def update(state: SVGState, sample: Sampler, key: jax.Array, step: jax.Array):
-        """`utd` single-step updates, then `model_updates` dynamics steps on sequences (the paper's Algorithm 1)."""
+        """`utd` single-step updates, then `model_updates` dynamics steps on sequences (the paper's Algorithm 1),
+        every draw normalised with the statistics as they stand."""
         k_batch, k_steps, k_sequences = jax.random.split(key, 3)
         entropy_target = target_entropy(step)
         use_model = step >= cfg.model_actor_start
-        batches = sample(k_batch, (cfg.utd, cfg.batch_size))
+        batches = normalised(state, sample(k_batch, (cfg.utd, cfg.batch_size)))
         state, metrics = jax.lax.scan(lambda s, x: gradient_step(s, *x, entropy_target, use_model), state,
                                       (batches, jax.random.split(k_steps, cfg.utd)))
         metrics = jax.tree.map(jnp.mean, metrics)
         if cfg.horizon > 0:
-            sequences = sample(k_sequences, (cfg.model_updates, cfg.model_batch_size), length=cfg.horizon)
+            sequences = normalised(state, sample(k_sequences, (cfg.model_updates, cfg.model_batch_size),
+                                                 length=cfg.horizon))
             state, obs_mse = jax.lax.scan(dynamics_step, state, sequences)
             metrics["model/obs_mse"] = jnp.mean(obs_mse)
         else:
@@ -287,26 +285,24 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         metrics["target_entropy"] = entropy_target
         return state, metrics
 
-    # -- what the trainer's diagnostics read: SAC's critic, on real transitions
-    def target_action(state: SVGState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        return sac.target_action(state.sac, obs, key)
-
-    def value(state: SVGState, obs: jax.Array, key: jax.Array) -> jax.Array:
-        return sac.value(state.sac, obs, key)
-
-    def td_error(state: SVGState, batch: Batch, key: jax.Array) -> jax.Array:
-        return sac.td_error(state.sac, batch, key)
-
     def reset(state: SVGState, key: jax.Array) -> SVGState:
-        """As MBPO's: actor, critics, target critics and temperature start afresh; the model and reward net are
-        kept."""
+        """As MBPO's: actor, critics, target critics and temperature start afresh; the model, the reward net and
+        the observation statistics are kept."""
         return state.replace(sac=init_sac(key))
 
+    # The trainer's diagnostics read SAC's critic, on real transitions in the networks' units.
     rows_drawn = max(cfg.batch_size, cfg.model_batch_size) if cfg.horizon else cfg.batch_size
-    return Agent(name="svg", config=cfg, init=init, act=act, update=update, batch_size=rows_drawn,
-                 metric_names=sac.metric_names + MODEL_METRICS, gamma=cfg.gamma, target_action=target_action,
-                 value=value, td_error=td_error, reset=reset,
+    return Agent(name="svg", config=cfg, init=init,
+                 act=lambda state, obs, key, explore: sac.act(nets, state.sac.actor, normalise(state, obs), key,
+                                                              explore),
+                 update=update, batch_size=rows_drawn, metric_names=sac.METRICS + MODEL_METRICS, gamma=cfg.gamma,
+                 target_action=lambda state, obs, key: sac.sample_action(nets, state.sac.actor,
+                                                                         normalise(state, obs), key)[0],
+                 value=lambda state, obs, key: sac.value(nets, state.sac, normalise(state, obs)),
+                 td_error=lambda state, batch, key: sac.td_error(nets, state.sac, normalised(state, batch), key),
+                 reset=reset, observe=observe if cfg.obs_norm else None,
                  extras={"dynamics_net": dynamics_net, "reward_net": reward_net, "predict_reward": predict_reward,
                          "zero_hidden": zero_hidden, "unroll": unroll, "dynamics_loss": dynamics_loss,
                          "reward_loss": reward_loss, "actor_loss": actor_loss, "target_entropy": target_entropy,
-                         "gradient_step": gradient_step, "dynamics_step": dynamics_step, "sac": sac})
+                         "gradient_step": gradient_step, "dynamics_step": dynamics_step, "nets": nets,
+                         "normalise": normalise})
