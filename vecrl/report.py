@@ -1,6 +1,10 @@
 """`vecrl report RUN_DIR [RUN_DIR ...]`: learning curves, final returns, aggregate scores and average regret with
 bootstrap confidence intervals, and the paper's critic diagnostics, as PNG figures and a markdown summary.
 
+Final returns, aggregates and regret are given for both episode returns, evaluation (deterministic policy) and
+training (with exploration); the one the run specs name in `report_return` (the one their paper plots) comes
+first and is marked as theirs.
+
 It reads run folders only (config.json, metrics.jsonl, and summary.json once a run has stopped), so it works on
 a run in progress, an interrupted one and a resumed one. Several runs (e.g. alpha 0 against 0.05) share every
 figure; each gets one colour.
@@ -26,8 +30,31 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:b
           "tab:olive", "tab:cyan")
 
 
+RETURNS = ("eval", "train")  # a spec's `report_return` values, in the order used when the runs disagree
+RETURN_NOUNS = {"eval": "evaluation returns", "train": "training-episode returns"}
+FINAL_TITLES = {"eval": "Final evaluation return", "train": "Final training return"}
+REGRET_DEFINITIONS = {
+    "train": "MAD-TD paper, section 5.2: mean over training episodes of (best training return any of these runs "
+             "reached on the task - episode return), each logged chunk weighted by the episodes that ended in it",
+    "eval": "mean over evaluations, each weighted equally, of (best evaluation return any of these runs reached on "
+            "the task - that evaluation's return): the MAD-TD paper's section 5.2 regret, on the deterministic "
+            "evaluation returns instead of the training episodes"}
+
+
 class ReportError(RuntimeError):
     """Run folders that cannot be reported; the message says why."""
+
+
+def return_key(report_return: str) -> str:
+    """The metrics.jsonl field holding the episode return a spec's `report_return` names."""
+    return {"eval": "eval_return", "train": "train_return"}[report_return]
+
+
+def episode_weight(row: dict, key: str) -> int:
+    """How many episodes a metrics row's `key` return stands for in a mean over episodes: a chunk's training
+    return is the mean of the `train_episodes` episodes that ended in it; each evaluation counts once (its return
+    is already the mean of its deterministic episodes, and evaluations are evenly spaced in steps)."""
+    return row.get("train_episodes", 1) if key == "train_return" else 1
 
 
 @dataclasses.dataclass
@@ -50,6 +77,10 @@ class RunData:
     @property
     def action_repeat(self) -> int:
         return int(self.spec["train"]["action_repeat"])
+
+    @property
+    def report_return(self) -> str:
+        return self.spec.get("report_return", "eval")  # run folders from before the field existed reported eval
 
     @property
     def step(self) -> int:
@@ -99,6 +130,9 @@ def load_run(path: str) -> RunData:
             raise KeyError("spec.tasks, seeds or train.action_repeat")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ReportError(f"{config_path} is not a vecrl run config (missing {e})") from None
+    if spec.get("report_return", "eval") not in RETURNS:
+        raise ReportError(f"{config_path}: spec.report_return must be one of {RETURNS}, "
+                          f"got {spec['report_return']!r}")
     latest = {}
     for r in read_metrics(os.path.join(path, "metrics.jsonl")):
         latest[(r["seed"], r["task"], r["step"])] = r  # a resumed run rewrote what followed its checkpoint
@@ -217,8 +251,8 @@ def diagnostics_figure(task: str, runs: list[RunData], reps: int) -> Figure | No
 AGGREGATE_NAMES = {"median": "Median", "iqm": "IQM", "mean": "Mean", "optimality_gap": "Optimality gap"}
 
 
-def aggregates_figure(intervals: dict[str, dict], labels: list[str]) -> Figure:
-    fig = Figure(figsize=(11, 0.6 + 0.45 * len(labels)), layout="constrained")
+def aggregates_figure(intervals: dict[str, dict], labels: list[str], heading: str) -> Figure:
+    fig = Figure(figsize=(11, 1.0 + 0.45 * len(labels)), layout="constrained")
     axes = fig.subplots(1, 4, sharey=True)
     for ax, (name, title) in zip(axes, AGGREGATE_NAMES.items()):
         for i, label in enumerate(labels):
@@ -231,6 +265,7 @@ def aggregates_figure(intervals: dict[str, dict], labels: list[str]) -> Figure:
         ax.set_xlabel("normalised score (return / 1000)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(labels)), labels)
+    fig.suptitle(heading, fontsize=11)
     return fig
 
 
@@ -253,13 +288,25 @@ def final_returns(runs: list[RunData], tasks: list[str], key: str, reps: int) ->
     return out
 
 
-def regrets(runs: list[RunData], tasks: list[str], reps: int) -> dict:
-    """(label, task) -> (mean, low, high) over seeds of the average regret of training episodes, against the
-    best training return any of the runs reached on that task (the paper's lower bound on the optimum)."""
+def aggregate_scores(runs: list[RunData], tasks: list[str], key: str, reps: int) -> dict[str, dict]:
+    """label -> the aggregates (stats.aggregate_intervals) of each seed's last `key` / 1000 over `tasks`, for the
+    runs that have a value on every one of them (a run in progress may have none yet)."""
+    out = {}
+    for run in runs:
+        scores = [run.final(task, key) / RETURN_MAX for task in tasks]
+        if scores and all(s.size for s in scores):
+            out[run.label] = stats.aggregate_intervals(scores, reps)
+    return out
+
+
+def regrets(runs: list[RunData], tasks: list[str], reps: int, key: str) -> dict:
+    """(label, task) -> (mean, low, high) over seeds of the average regret of the `key` returns, against the best
+    `key` return any of the runs reached on that task (the paper's lower bound on the optimum). Each training
+    chunk is weighted by its episode count, each evaluation equally (episode_weight)."""
     out = {}
     for task in tasks:
         best = max((np.nanmax(v) for run in runs if task in run.tasks
-                    for v in [run.series(task, "train_return")[1]] if np.any(~np.isnan(v))), default=None)
+                    for v in [run.series(task, key)[1]] if np.any(~np.isnan(v))), default=None)
         if best is None:
             continue
         for run in runs:
@@ -267,15 +314,24 @@ def regrets(runs: list[RunData], tasks: list[str], reps: int) -> dict:
                 continue
             per_seed = []
             for seed in run.seeds:
-                rows = [r for r in run.rows if r["task"] == task and r["seed"] == seed
-                        and r.get("train_return") is not None]
+                rows = [r for r in run.rows if r["task"] == task and r["seed"] == seed and r.get(key) is not None]
                 if rows:
-                    per_seed.append(stats.average_regret([r["train_return"] for r in rows],
-                                                         [r.get("train_episodes", 1) for r in rows], best))
+                    per_seed.append(stats.average_regret([r[key] for r in rows],
+                                                         [episode_weight(r, key) for r in rows], best))
             if per_seed:
                 mean, lo, hi = stats.mean_ci(np.array(per_seed), reps)
                 out[(run.label, task)] = (float(mean), float(lo), float(hi))
     return out
+
+
+def report_order(runs: list[RunData]) -> tuple[list[str], str | None]:
+    """The two returns in the order the report gives them, and the one every run's spec names (None when the
+    runs disagree, and then evaluation leads)."""
+    named = {run.report_return for run in runs}
+    if len(named) != 1:
+        return list(RETURNS), None
+    (name,) = named
+    return [name] + [r for r in RETURNS if r != name], name
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -313,35 +369,53 @@ def make_report(run_dirs: list[str], out: str, reps: int = 2000) -> dict:
         [[r.label, r.spec.get("agent", "?"), r.status, f"{r.step:,} / {r.spec['train']['steps']:,}",
           str(len(r.seeds)), f"{r.wall_time / 60:.1f} min", r.device, f"`{r.path}`"] for r in runs]))
 
-    for key, title in (("eval_return", "Final evaluation return"), ("train_return", "Final training return")):
+    order, named = report_order(runs)
+    if named is None:
+        sections.append("The runs disagree on which return their specs name (report_return: "
+                        + ", ".join(f"{r.label}: {r.report_return}" for r in runs)
+                        + "), so evaluation returns come first below.")
+    else:
+        sections.append(f"The run specs name {RETURN_NOUNS[named]} (report_return = \"{named}\"): those tables "
+                        "come first below and are marked.")
+
+    def marked(title: str, ret: str) -> str:
+        return f"{title} (the return the specs name)" if ret == named else title
+
+    for ret in order:
+        key = return_key(ret)
         finals = final_returns(runs, tasks, key, reps)
         rows = [[task] + [_fmt(*finals[(lab, task)][:3]) + f" (n={finals[(lab, task)][3]})"
                           if (lab, task) in finals else "-" for lab in labels] for task in tasks]
-        sections.append(f"## {title}\n\nMean over seeds of each seed's last value, with a 95% bootstrap "
-                        f"interval.\n\n" + _table(["task"] + labels, rows))
+        sections.append(f"## {marked(FINAL_TITLES[ret], ret)}\n\nMean over seeds of each seed's last `{key}`, "
+                        f"with a 95% bootstrap interval.\n\n" + _table(["task"] + labels, rows))
 
     common = [t for t in tasks if all(t in run.tasks for run in runs)]
-    per_run_scores = {run.label: [run.final(t, "eval_return") / RETURN_MAX for t in common] for run in runs}
-    scored = {lab: s for lab, s in per_run_scores.items() if s and all(x.size for x in s)}
-    if scored:
-        intervals = {lab: stats.aggregate_intervals(s, reps) for lab, s in scored.items()}
-        rows = [[lab] + [_fmt(*intervals[lab][k], digits=3) for k in AGGREGATE_NAMES] for lab in scored]
-        name = save(aggregates_figure(intervals, list(scored)), "aggregates.png")
+    for ret in order:
+        key = return_key(ret)
+        title = marked(f"Aggregate scores: {RETURN_NOUNS[ret]}", ret)
+        intervals = aggregate_scores(runs, common, key, reps)
+        if not intervals:
+            sections.append(f"## {title}\n\nNone yet: no run has a final `{key}` on every task the runs share.")
+            continue
+        rows = [[lab] + [_fmt(*intervals[lab][k], digits=3) for k in AGGREGATE_NAMES] for lab in intervals]
+        name = save(aggregates_figure(intervals, list(intervals), title), f"aggregates_{ret}.png")
         sections.append(
-            f"## Aggregate scores\n\nFinal evaluation return / 1000 over {len(common)} task(s) "
-            f"({', '.join(common)}), with 95% stratified-bootstrap intervals ({reps} replicates; Agarwal et al. "
-            f"2021). IQM: interquartile mean of all (task, seed) scores; optimality gap: mean shortfall below 1 "
-            f"(lower is better).\n\n" + _table(["run"] + list(AGGREGATE_NAMES.values()), rows)
-            + f"\n\n![aggregates]({name})")
+            f"## {title}\n\nEach seed's last `{key}` / 1000 over {len(common)} task(s) ({', '.join(common)}), "
+            f"with 95% stratified-bootstrap intervals ({reps} replicates; Agarwal et al. 2021). IQM: interquartile "
+            f"mean of all (task, seed) scores; optimality gap: mean shortfall below 1 (lower is better).\n\n"
+            + _table(["run"] + list(AGGREGATE_NAMES.values()), rows) + f"\n\n![aggregates]({name})")
 
-    reg = regrets(runs, tasks, reps)
-    if reg:
+    for ret in order:
+        key = return_key(ret)
+        title = marked(f"Average regret: {RETURN_NOUNS[ret]}", ret)
+        reg = regrets(runs, tasks, reps, key)
+        if not reg:
+            sections.append(f"## {title}\n\nNone yet: no run has logged a `{key}`.")
+            continue
         rows = [[task] + [_fmt(*reg[(lab, task)]) if (lab, task) in reg else "-" for lab in labels]
                 for task in tasks]
-        sections.append("## Average regret (lower is better)\n\nMAD-TD paper, section 5.2: mean over training "
-                        "episodes of (best training return any of these runs reached on the task - episode "
-                        "return); mean over seeds with a 95% bootstrap interval.\n\n"
-                        + _table(["task"] + labels, rows))
+        sections.append(f"## {title}\n\nUses `{key}`: {REGRET_DEFINITIONS[ret]}; mean over seeds with a 95% bootstrap "
+                        "interval. Lower is better.\n\n" + _table(["task"] + labels, rows))
 
     for task in tasks:
         with_task = [run for run in runs if task in run.tasks]
