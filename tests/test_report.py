@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from vecrl import cli, stats
+from vecrl import cli, report, stats
 from vecrl.report import ReportError, load_run, make_report, regrets, report_order, return_key
 
 
@@ -66,7 +66,7 @@ def test_average_regret_of_known_curves():
 # ------------------------------------------------------------------------------------------ run folders
 def write_run(path, name, final_eval, seeds=4, tasks=("cartpole-balance", "cartpole-swingup"), steps=(100, 200, 300),
               total=300, diagnostics=True, summary=True, action_repeat=2, report_return=None, train_offset=0.0,
-              evals=True):
+              evals=True, model_error=False):
     """A run folder as the trainer writes it: eval returns rise linearly to `final_eval[task]` + seed, training
     returns to that less `train_offset`, and each chunk holds one finished training episode. report_return=None
     writes a config.json from before the field existed; evals=False one whose run has not evaluated yet."""
@@ -89,6 +89,8 @@ def write_run(path, name, final_eval, seeds=4, tasks=("cartpole-balance", "cartp
                     if diagnostics:
                         rec.update({"q_pred": value / 10, "q_mc": value / 12, "td_error/train": 1.0,
                                     "td_error/held_out": 1.5, "td_error/on_policy": 2.0})
+                    if model_error:
+                        rec.update({"model_error/train": 0.01, "model_error/held_out": 0.02})
                     f.write(json.dumps(rec) + "\n")
     if summary:
         with open(os.path.join(path, "summary.json"), "w") as f:
@@ -114,6 +116,25 @@ def test_report_of_two_runs_has_curves_aggregates_regret_and_diagnostics(tmp_pat
     # over 3 chunks, so its mean return is (900 + s) * 2 / 3; averaged over seeds, 903 - 901.5 * 2 / 3 = 302.0.
     assert "302.0 [" in text
     assert "complete" in text and "Warnings" not in text
+
+
+def test_a_model_based_run_gets_a_model_error_panel(tmp_path, monkeypatch):
+    a = write_run(tmp_path / "a", "sac", {"cartpole-balance": 500.0}, tasks=("cartpole-balance",))
+    b = write_run(tmp_path / "b", "mbpo", {"cartpole-balance": 400.0}, tasks=("cartpole-balance",), model_error=True)
+    figures = {}
+    original = report.diagnostics_figure
+
+    def keep(task, runs, reps):
+        figures[tuple(r.label for r in runs)] = fig = original(task, runs, reps)
+        return fig
+
+    monkeypatch.setattr(report, "diagnostics_figure", keep)
+    make_report([str(a)], str(tmp_path / "one"), reps=200)
+    make_report([str(a), str(b)], str(tmp_path / "two"), reps=200)
+    assert len(figures[("sac",)].axes) == 2
+    axes = figures[("sac", "mbpo")].axes
+    assert len(axes) == 3 and "model" in axes[2].get_title()
+    assert [line.get_label() for line in axes[2].get_lines()] == ["mbpo: train", "mbpo: held-out"]
 
 
 def test_report_reads_a_run_in_progress_and_warns_on_bad_lines(tmp_path):

@@ -225,8 +225,9 @@ def diagnostics_figure(task: str, runs: list[RunData], reps: int) -> Figure | No
     if not any(run.series(task, k)[0].size for run in runs for k in ("q_pred", "td_error/train")):
         return None
     xlabel, scale = _x_axis(runs)
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_q, ax_loss = fig.subplots(1, 2)
+    with_model = any(run.series(task, "model_error/held_out")[0].size for run in runs)
+    fig = Figure(figsize=(16.5 if with_model else 11, 4.2), layout="constrained")
+    ax_q, ax_loss, *ax_model = fig.subplots(1, 3 if with_model else 2)
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
         for key, style, what in (("q_pred", "-", "Q(s, pi(s))"), ("q_mc", "--", "Monte-Carlo return")):
@@ -236,15 +237,21 @@ def diagnostics_figure(task: str, runs: list[RunData], reps: int) -> Figure | No
                                  ("td_error/on_policy", ":", "on-policy held-out")):
             steps, values = run.series(task, key)
             _band(ax_loss, steps * scale[run.label], values, color, f"{run.label}: {what}", reps, False, style)
+        for ax in ax_model:  # agents with a one-step model (MBPO): its error on the same two sets of transitions
+            for key, style, what in (("model_error/train", "-", "train"), ("model_error/held_out", "--", "held-out")):
+                steps, values = run.series(task, key)
+                _band(ax, steps * scale[run.label], values, color, f"{run.label}: {what}", reps, False, style)
+            ax.set_title("one-step model squared error: train, held-out", fontsize=10)
+            ax.set_yscale("log")
     ax_q.set_title("value overestimation: predicted vs obtained (discounted)", fontsize=10)
     ax_loss.set_title("critic squared TD error: train, held-out, on-policy held-out", fontsize=10)
     ax_loss.set_yscale("log")
-    for ax in (ax_q, ax_loss):
+    for ax in (ax_q, ax_loss, *ax_model):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task}: critic diagnostics at evaluation steps (mean over seeds, 95% bootstrap band)",
-                 fontsize=11)
+    what = "critic and model" if with_model else "critic"
+    fig.suptitle(f"{task}: {what} diagnostics at evaluation steps (mean over seeds, 95% bootstrap band)", fontsize=11)
     return fig
 
 
@@ -424,9 +431,10 @@ def make_report(run_dirs: list[str], out: str, reps: int = 2000) -> dict:
         if diag is not None:
             parts.append(f"![diagnostics]({save(diag, f'diagnostics_{task}.png')})\n\nLeft: the critic's "
                          "Q(s, pi(s)) against the discounted return the deterministic policy then obtained, over "
-                         "the evaluation episodes' states. Right: the critic's squared TD error on training minibatches, "
-                         "on held-out transitions, and on held-out states stepped with the current target "
-                         "policy's action (paper Fig. 2 left).")
+                         "the evaluation episodes' states. Then the critic's squared TD error on training "
+                         "minibatches, on held-out transitions, and on held-out states stepped with the current "
+                         "target policy's action (paper Fig. 2 left); for agents with a one-step model (MBPO), a "
+                         "third panel gives its squared error on training and on held-out transitions.")
         flagged = {run.label: run.flagged(task) for run in with_task if run.flagged(task)}
         if flagged:
             parts.append("Flagged seeds (a NaN in the physics or a rejected update): "
