@@ -117,6 +117,31 @@ def test_a_rejecting_lane_is_flagged_in_metrics_summary_and_report(tmp_path, mon
     assert "Flagged seeds (a NaN in the physics or a rejected update): tiny: [0]" in text
 
 
+def test_every_domains_program_is_dispatched_before_any_output_is_fetched(tmp_path, monkeypatch):
+    """Two domains, two programs: on an accelerator, fetching one domain's outputs before dispatching the other's
+    chunk would make each wait for the other's host round-trip."""
+    events = []
+    compile_programs, device_get = run.compile_programs, jax.device_get
+
+    def recorded(kind, domain, program):
+        def call(state):
+            events.append((kind, domain))
+            return program(state)
+        return call
+
+    def compile_recorded(programs, states, say):
+        compiled, flops = compile_programs(programs, states, say)
+        return {d: (recorded("chunk", d, c), recorded("evaluate", d, e)) for d, (c, e) in compiled.items()}, flops
+
+    monkeypatch.setattr(run, "compile_programs", compile_recorded)
+    monkeypatch.setattr(jax, "device_get", lambda tree: (events.append(("fetch",)), device_get(tree))[1])
+    spec = tiny(**{"tasks": ["cartpole-balance", "pendulum-swingup"], "train.steps": 40})
+    assert run.train(spec, str(tmp_path / "run"), progress=False)["status"] == "complete"
+    chunks = [("chunk", "cartpole"), ("chunk", "pendulum"), ("fetch",)]
+    evaluations = [("evaluate", "cartpole"), ("evaluate", "pendulum"), ("fetch",)]
+    assert events[:9] == chunks + chunks + evaluations, events
+
+
 def test_unported_task_fails_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(run.envs_mjx, "available_domains", lambda: ["acrobot"])
     with pytest.raises(run.RunError, match="cartpole-balance: not ported"):

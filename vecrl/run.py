@@ -291,16 +291,20 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
         while step < spec.train.steps:
             t_chunk = time.perf_counter()
             records = []
+            # Every domain's chunk is dispatched before any output is fetched, so on an accelerator the domains'
+            # programs run back to back instead of each waiting for the previous one's host round-trip.
+            results = {d: compiled[d][0](states[d]) for d in programs}
+            states = {d: r[0] for d, r in results.items()}
+            outputs = jax.device_get({d: r[1] for d, r in results.items()})
             for d, p in programs.items():
-                states[d], outputs = compiled[d][0](states[d])
-                recs = _chunk_records(spec, p, jax.device_get(outputs), step)
-                records.extend(recs)
+                records.extend(_chunk_records(spec, p, outputs[d], step))
             step += spec.train.chunk_steps
             evaluate = (spec.train.eval_every and step % spec.train.eval_every == 0) or step == spec.train.steps
             evaluation = {}  # (seed, task) -> eval return and diagnostics
             if evaluate:
+                evaluations = jax.device_get({d: compiled[d][1](states[d]) for d in programs})  # dispatched alike
                 for d, p in programs.items():
-                    out = jax.device_get(compiled[d][1](states[d]))  # [seed, task] (eval_return: [.., episodes])
+                    out = evaluations[d]  # [seed, task] (eval_return: [.., episodes])
                     for si, seed in enumerate(spec.seeds):
                         for ti, task in enumerate(p.tasks):
                             evaluation[(seed, task)] = {k: _finite_or_none(v[si, ti]) for k, v in out.items()}
