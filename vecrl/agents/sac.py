@@ -163,9 +163,8 @@ def critic_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array
     (loss, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, nets, state, batch, key)
     updates, opt_critic = adam(nets.cfg).update(g, state.opt_critic, state.critic)
     critic = optax.apply_updates(state.critic, updates)
-    return state.replace(critic=critic, opt_critic=opt_critic,
-                         critic_target=optax.incremental_update(critic, state.critic_target, nets.cfg.tau)), \
-        (loss, q_mean)
+    target = optax.incremental_update(critic, state.critic_target, nets.cfg.tau)
+    return state.replace(critic=critic, opt_critic=opt_critic, critic_target=target), (loss, q_mean)
 
 
 def apply_actor_gradient(nets: SACNetworks, state: SACState, grads: dict) -> SACState:
@@ -182,6 +181,10 @@ def temperature_step(state: SACState, logp: jax.Array, mask: jax.Array, target_e
                          opt_temperature=opt_t), loss
 
 
+def target_entropy(nets: SACNetworks) -> float:
+    return -nets.cfg.target_entropy_scale * nets.action_size
+
+
 def gradient_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
     """SAC's critic, actor and temperature steps on one minibatch: (state, metrics)."""
     k_critic, k_actor = jax.random.split(key)
@@ -191,10 +194,6 @@ def gradient_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Arr
     state, loss_t = temperature_step(state, logp, batch["mask"], target_entropy(nets), adam(nets.cfg))
     return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
                    "temperature": jnp.exp(state.log_temperature), "entropy": -jnp.mean(logp), "q_mean": q_mean}
-
-
-def target_entropy(nets: SACNetworks) -> float:
-    return -nets.cfg.target_entropy_scale * nets.action_size
 
 
 METRICS = ("loss/critic", "loss/actor", "loss/temperature", "temperature", "entropy", "q_mean")
