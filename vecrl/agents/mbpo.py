@@ -28,7 +28,7 @@ from vecrl.agents import sac
 from vecrl.agents.base import Agent, Batch, Sampler
 from vecrl.agents.sac import SACConfig, SACState
 from vecrl.networks import MLP
-from vecrl.validation import FINITE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, rule
+from vecrl.validation import FINITE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, Rule, rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,8 @@ class MBPOConfig(SACConfig):
     # model's training and ranks the members (the code holds out a random 20%); `model_validation_rows` are drawn
     # from the held-out part to rank them (the code draws 50,000 with replacement), and as many from the rest fit
     # the input normaliser (the code: all of the rest).
-    model_holdout_every: int = rule(5, POSITIVE_INT)
+    model_holdout_every: int = rule(5, Rule(lambda v: POSITIVE_INT.holds(v) and v >= 2,
+                                            ">= 2 (an integer: every n-th real transition is held out)"))
     model_validation_rows: int = rule(50_000, POSITIVE_INT)
     # -- using the model (model horizon 1)
     rollouts: int = rule(400, POSITIVE_INT)  # one-step rollouts branched from real states per agent step
@@ -80,8 +81,6 @@ class MBPOConfig(SACConfig):
         if self.model_capacity < self.rollouts:
             yield (f"{section}.model_capacity ({self.model_capacity}) must hold one agent step's {section}.rollouts "
                    f"({self.rollouts})")
-        if self.model_holdout_every < 2:
-            yield f"{section}.model_holdout_every must be >= 2 (every n-th real transition held out), got 1"
         if not self.logvar_min < self.logvar_max:
             yield f"{section}.logvar_min ({self.logvar_min}) must be below {section}.logvar_max ({self.logvar_max})"
 

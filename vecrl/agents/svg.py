@@ -155,7 +155,7 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         return {**batch, "obs": normalise(state, batch["obs"]), "next_obs": normalise(state, batch["next_obs"])}
 
     def observe(state: SVGState, obs: jax.Array, valid: jax.Array) -> SVGState:
-        return state.replace(obs_stats=running_stats_add(state.obs_stats, obs, valid)) if cfg.obs_norm else state
+        return state.replace(obs_stats=running_stats_add(state.obs_stats, obs, valid))  # exposed only with obs_norm
 
     def zero_hidden(batch_shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
         """The GRU states a rollout starts from: zero, as in the paper, so that any replay state can start one."""
