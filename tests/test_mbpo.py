@@ -69,7 +69,7 @@ def update(mbpo):
 
 
 def jitted_retrain(agent):
-    return jax.jit(lambda state, data, key: agent.extras["retrain"](state, sampler(data), key))
+    return jax.jit(lambda state, data, key: agent.extras["retrain"](state, sampler(data), key)[0])
 
 
 def with_member_means(models, means, raw_logvar=-50.0):

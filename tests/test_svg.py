@@ -144,7 +144,8 @@ def test_dynamics_steps_lower_the_multi_step_error():
     state = agent.init(jax.random.key(2))
     sequences = sampler(trajectory())(jax.random.key(3), (150, 32), length=CFG.horizon)
     first = jax.tree.map(lambda x: x[0], sequences)
-    trained, losses = jax.jit(lambda s: jax.lax.scan(agent.extras["dynamics_step"], s, sequences))(state)
+    trained, (losses, dropped) = jax.jit(lambda s: jax.lax.scan(agent.extras["dynamics_step"], s, sequences))(state)
+    assert not np.asarray(dropped).any()
     assert float(losses[0]) == pytest.approx(float(agent.extras["dynamics_loss"](state.dynamics, first)), rel=1e-5)
     assert float(agent.extras["dynamics_loss"](trained.dynamics, first)) < 0.2 * float(losses[0])
     assert same(trained.sac, state.sac) and same(trained.reward, state.reward)
@@ -163,6 +164,13 @@ def passes_first_input(mlp, scale, bias):
     return p
 
 
+def twin_critic(state, head):
+    """SAC's twin critic parameters with head i's replaced by head(i, its parameters): the heads are stacked."""
+    stacked = state.sac.critic["params"]["heads"]["copies"]
+    per_head = [head(i, jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(2)]
+    return {"params": {"heads": {"copies": jax.tree.map(lambda *x: jnp.stack(x), *per_head)}}}
+
+
 def zero_actor_log_prob(key, rows):
     """log pi(u) of the action a zero actor draws with `key`: u = tanh(exp(-1.5) eps), eps ~ N(0, 1)."""
     eps = np.asarray(jax.random.normal(key, (rows, ACT)), np.float64)
@@ -177,8 +185,7 @@ def test_value_expansion_by_hand(svg):
     gamma, alpha, delta = CFG.gamma, 0.3, np.asarray([0.5, 0.0, 0.0])
     w, b = (1.0, 0.5), (0.0, 3.0)  # the minimum is critic 0 below x[0] = -4, critic 1 above
     state = svg.init(jax.random.key(4))
-    critic = {"params": {f"q_{i}": passes_first_input(state.sac.critic["params"][f"q_{i}"], w[i], b[i])
-                         for i in range(2)}}
+    critic = twin_critic(state, lambda i, p: passes_first_input(p, w[i], b[i]))
     state = state.replace(sac=state.sac.replace(actor=zero_params(state.sac.actor), critic=critic,
                                                 log_temperature=jnp.log(alpha)),
                           dynamics=dynamics_adding(state.dynamics, delta),
@@ -209,8 +216,7 @@ def test_the_value_gradient_is_the_derivative_of_the_expansion(svg):
     (not the action) and the temperature is small, so nearly all of the actor's influence goes through the model's
     predictions, and a gradient stopped anywhere along them would miss it."""
     state = svg.init(jax.random.key(6))
-    critic = {"params": {f"q_{i}": passes_first_input(state.sac.critic["params"][f"q_{i}"], 3.0 + i, -10 * (3.0 + i))
-                         for i in range(2)}}
+    critic = twin_critic(state, lambda i, p: passes_first_input(p, 3.0 + i, -10 * (3.0 + i)))
     # A model ten times as sensitive to its inputs as at initialisation, for a derivative well above float32 noise.
     dynamics = jax.tree.map(lambda x: x, state.dynamics)
     dynamics["params"]["decoder"]["Dense_2"]["kernel"] = 10.0 * dynamics["params"]["decoder"]["Dense_2"]["kernel"]
@@ -444,8 +450,7 @@ def test_act_value_and_diagnostics_by_hand_on_normalised_observations(svg):
     """act, value, target_action and td_error with networks simple enough to follow by hand, after the agent
     observed SEEN: each sees (obs - mean) / clamped std, not the raw observation."""
     state = observed(svg, svg.init(jax.random.key(25)))
-    critic = {"params": {f"q_{i}": reads_obs(state.sac.critic["params"][f"q_{i}"], CRITIC_W[i], CRITIC_B[i])["params"]
-                         for i in range(2)}}
+    critic = twin_critic(state, lambda i, p: reads_obs(p, CRITIC_W[i], CRITIC_B[i])["params"])
     alpha = 0.3
     state = state.replace(sac=state.sac.replace(
         actor=reads_obs(state.sac.actor["params"], ACTOR_W, ACTOR_B), critic=critic, critic_target=critic,

@@ -63,6 +63,10 @@ class TrainConfig:
     # and none follows the last step.
     reset_every: int = rule(0, NON_NEGATIVE_INT)
     keep_checkpoints: int = rule(3, POSITIVE_INT)
+    # The arithmetic of float32 matrix products (every network's): "default" is the backend's own choice (exact
+    # float32 on a CPU, TF32 on NVIDIA GPUs since Ampere, as the papers' JAX code ran); "float32", "tf32" and
+    # "bfloat16" ask for float32, TF32 or bfloat16 products accumulated in float32 (see `vecrl bench --precision`).
+    matmul_precision: Literal["default", "float32", "tf32", "bfloat16"] = "default"
 
     def relations(self, section: str):
         if self.steps % self.chunk_steps:

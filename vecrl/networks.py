@@ -62,3 +62,24 @@ class LatentHead(nn.Module):
     def __call__(self, x):
         x = MLP(self.hidden)(x)
         return nn.LayerNorm()(dense(self.latent)(x))
+
+
+class StackedMLP(nn.Module):
+    """`copies` MLPs of one shape on stacked weights (parameters with a leading [copies] axis) applied to the same
+    input, output [copies, ..., out]: each layer is one batched matmul instead of `copies` small ones (the twin
+    heads of a critic), with each copy initialised from its own key."""
+
+    copies: int
+    hidden: Sequence[int]
+    out: int | None = None
+    layer_norm: bool = True
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.mish
+
+    @nn.compact
+    def __call__(self, x):
+        # The input is broadcast to every copy rather than shared (in_axes=None): every layer, the first included,
+        # is then a batched matmul with its output already in [copies, ...] order, with no transposes between
+        # layers (about a quarter fewer kernels and bytes than sharing, measured on a CPU; see docs/benchmarks.md).
+        stacked = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0)
+        x = jnp.broadcast_to(x, (self.copies, *x.shape))
+        return stacked(self.hidden, self.out, self.layer_norm, self.activation, name="copies")(x)

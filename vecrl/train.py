@@ -21,7 +21,7 @@ from flax import struct
 
 import envs_mjx
 from vecrl import replay
-from vecrl.agents.base import Agent
+from vecrl.agents.base import DROPPED, Agent
 from vecrl.agents import AGENTS
 from vecrl.config import RunSpec
 
@@ -56,6 +56,20 @@ def lane_key(seed: int, task: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(task.encode()))
 
 
+# jax's dot algorithm for each `train.matmul_precision` (None: the backend's default).
+MATMUL_ALGORITHMS = {"default": None, "float32": "F32_F32_F32", "tf32": "TF32_TF32_F32", "bfloat16": "BF16_BF16_F32"}
+
+
+def matmul_precision_problem(spec: RunSpec, backend: str) -> str | None:
+    """Why `spec`'s matmul precision cannot run on `backend`, or None. XLA's CPU compiler has no TF32 and rejects
+    bfloat16 products inside batched programs: there only float32 is available."""
+    precision = spec.train.matmul_precision
+    if backend == "cpu" and precision in ("tf32", "bfloat16"):
+        return (f"train.matmul_precision = {precision!r} needs an accelerator: XLA's CPU compiler computes float32 "
+                "products only; use 'default' or 'float32' here")
+    return None
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -72,9 +86,22 @@ class DomainProgram:
         self.num_seeds, self.num_tasks = len(spec.seeds), len(tasks)
         self.task_params = [self.env.task_params(t.split("-", 1)[1]) for t in tasks]
         self.held_out_capacity = max(1, math.ceil(spec.train.capacity * spec.train.holdout_fraction))
-        self.chunk = self.env.jit(self._chunk, donate_argnums=0)
-        self.evaluate = self.env.jit(self._evaluate)
+        self.chunk = self.env.jit(self._with_precision(self._chunk), donate_argnums=0)
+        self.evaluate = self.env.jit(self._with_precision(self._evaluate))
         self._abstract_state = None
+
+    def _with_precision(self, f):
+        """`f` traced under the spec's matmul precision (a trace-time setting: it is part of the compiled program)."""
+        algorithm = MATMUL_ALGORITHMS[self.train.matmul_precision]
+        if algorithm is None:
+            return f
+
+        @functools.wraps(f)
+        def traced(*args):
+            with jax.default_matmul_precision(algorithm):
+                return f(*args)
+
+        return traced
 
     # ------------------------------------------------------------------------------------------ init
     def _init_lane(self, key: jax.Array, params) -> Lane:
@@ -138,10 +165,11 @@ class DomainProgram:
     def _update_lane(self, agent_state, buffer: replay.TrainBuffer, key: jax.Array, t: jax.Array):
         new_state, metrics = self.agent.update(agent_state, functools.partial(replay.train_buffer_sample, buffer),
                                                key, t)
-        # A diverging update is rejected: this lane keeps its last finite agent and is flagged.
-        finite = _all_finite(metrics) & _all_finite(new_state)
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, agent_state)
-        return new_state, metrics, ~finite
+        # The agent dropped every non-finite optimiser step itself (vecrl.agents.base.guarded_step), keeping its
+        # last finite parameters; the lane is flagged from its scalar metrics alone, so no select over the agent's
+        # state (and the data it may hold) follows the update.
+        rejected = (metrics[DROPPED] > 0) | ~_all_finite(metrics)
+        return new_state, metrics, rejected
 
     def _step_lanes(self, lanes: Lane, t: jax.Array):
         """One agent step of every lane ([seed, task] leading axes). Each schedule is a `lax.cond` on the unbatched

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 
 Batch = dict[str, jax.Array]  # obs, action, reward, next_obs, mask (1 - episode_end)
 # sample(key, shape) -> a Batch of real training transitions with leading axes `shape`, drawn uniformly with
@@ -61,3 +63,32 @@ class Agent:
     model_error: Callable[[Any, Batch], jax.Array] | None = None
     # Named pure functions of the agent's internals, for diagnostics and tests (e.g. "critic_loss", "q_values").
     extras: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+
+
+# The metric every agent's update reports: how many of its optimiser steps were dropped as non-finite (see
+# `guarded_step`). The trainer flags a lane whose update dropped a step or returned a non-finite metric.
+DROPPED = "updates_dropped"
+
+
+def guarded_step(optimizer: optax.GradientTransformation, grads, opt_state, params):
+    """One optimiser step, dropped (parameters and optimiser state kept as they were) when its gradient is not
+    finite: (params, opt_state, dropped). Starting from finite parameters and optimiser state, only a non-finite
+    gradient can make a step non-finite, so this keeps an agent finite. The decision is one scalar, the gradient's
+    norm, known before the step, so the choice between old and new values happens inside the elementwise pass that
+    applies the update: a guarded step reads and writes what an unguarded one does (unlike a select over the
+    agent's whole state after its update)."""
+    ok = jnp.isfinite(optax.tree.norm(grads))
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: jnp.where(ok, p + u, p), params, updates)
+    new_opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_opt_state, opt_state)
+    return params, new_opt_state, ~ok
+
+
+def count(*dropped: jax.Array) -> jax.Array:
+    """The number of dropped steps among `dropped` (booleans of any shape), as a float metric."""
+    return sum(jnp.sum(d.astype(jnp.float32)) for d in dropped)
+
+
+def summarise(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-gradient-step metrics [utd] of one agent step: each averaged, except the dropped steps, which add up."""
+    return {k: jnp.sum(v) if k == DROPPED else jnp.mean(v) for k, v in metrics.items()}

@@ -25,7 +25,7 @@ import optax
 from flax import struct
 
 from vecrl.agents import sac
-from vecrl.agents.base import Agent, Batch, Sampler
+from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_step, summarise
 from vecrl.agents.sac import SACConfig, SACState
 from vecrl.networks import MLP
 from vecrl.validation import FINITE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, Rule, rule
@@ -294,15 +294,15 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
             models, opt_state = carry
             grads = jax.grad(ensemble_loss)(models, ens, normaliser,
                                             train_rows(k, (cfg.ensemble_size, cfg.model_batch_size)))
-            updates, opt_state = model_optimizer.update(grads, opt_state, models)
-            return (optax.apply_updates(models, updates), opt_state), None
+            models, opt_state, dropped = guarded_step(model_optimizer, grads, opt_state, models)
+            return (models, opt_state), dropped
 
-        (models, opt_model), _ = jax.lax.scan(train_step, (state.model, state.opt_model),
-                                              jax.random.split(k_train, cfg.model_train_steps))
+        (models, opt_model), dropped = jax.lax.scan(train_step, (state.model, state.opt_model),
+                                                    jax.random.split(k_train, cfg.model_train_steps))
         mse, nll = member_errors(ens, models, normaliser, validation)
         elites = select_elites(mse, cfg.elites)
         return state.replace(model=models, opt_model=opt_model, normaliser=normaliser, elites=elites,
-                             model_nll=jnp.mean(nll[elites]), model_mse_elites=jnp.mean(mse[elites]))
+                             model_nll=jnp.mean(nll[elites]), model_mse_elites=jnp.mean(mse[elites])), count(dropped)
 
     def branch_rollouts(state: MBPOState, sample: Sampler, key: jax.Array) -> Batch:
         """`rollouts` one-step rollouts from real replay states: the current policy's sampled action, then a
@@ -329,14 +329,17 @@ def make_mbpo(cfg: MBPOConfig, observation_size: int, action_size: int) -> Agent
         # `step` is the same for every seed, so this stays a real branch under the trainer's vmap: the model
         # trains only on retrain steps. The trainer's first update is at step train.warmup_steps, a multiple of
         # retrain_every (checked by the spec), so rollouts never come from an untrained ensemble.
-        state = jax.lax.cond(step % cfg.retrain_every == 0, lambda s: retrain(s, sample, k_retrain), lambda s: s,
-                             state)
-        state = state.replace(model_buffer=model_buffer_add(state.model_buffer,
-                                                            branch_rollouts(state, sample, k_rollout)))
+        # The model buffer stays out of the branch, which then carries only what a retrain changes.
+        fitted, dropped_model = jax.lax.cond(
+            step % cfg.retrain_every == 0, lambda s: retrain(s, sample, k_retrain), lambda s: (s, jnp.zeros(())),
+            state.replace(model_buffer=None))
+        state = fitted.replace(model_buffer=model_buffer_add(state.model_buffer,
+                                                             branch_rollouts(fitted, sample, k_rollout)))
         batches = mixed_batches(state, sample, k_batch)
         sac_state, metrics = jax.lax.scan(lambda s, x: sac.gradient_step(nets, s, *x), state.sac,
                                           (batches, jax.random.split(k_sac, cfg.utd)))
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = summarise(metrics)
+        metrics[DROPPED] = metrics[DROPPED] + dropped_model
         metrics.update({"model/nll": state.model_nll, "model/mse_elites": state.model_mse_elites,
                         "model/buffer_size": state.model_buffer.size.astype(jnp.float32)})
         return state.replace(sac=sac_state), metrics

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vecrl.agents.base import Agent, Batch, Sampler
-from vecrl.networks import MLP
+from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_step, summarise
+from vecrl.networks import MLP, StackedMLP
 from vecrl.validation import FINITE, POSITIVE, POSITIVE_INT, UNIT_LEFT_OPEN, UNIT_RIGHT_OPEN, rule
 
 
@@ -45,13 +45,15 @@ class SACConfig:
 
 # ------------------------------------------------------------------------------------------------ networks
 class TwinCritic(nn.Module):
+    """Two Q heads on stacked weights: each layer of both heads is one batched matmul."""
+
     hidden: int
 
     @nn.compact
     def __call__(self, obs, action):
         x = jnp.concatenate([obs, action], axis=-1)
-        return jnp.stack([MLP((self.hidden, self.hidden), 1, layer_norm=False, activation=jax.nn.relu,
-                              name=f"q_{i}")(x)[..., 0] for i in range(2)])  # [2, ...]
+        return StackedMLP(2, (self.hidden, self.hidden), 1, layer_norm=False, activation=jax.nn.relu,
+                          name="heads")(x)[..., 0]  # [2, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,27 +160,29 @@ def temperature_loss(log_temperature: jax.Array, logp: jax.Array, mask: jax.Arra
 
 
 # ------------------------------------------------------------------------------------------------ steps
+# Each optimiser step is guarded (vecrl.agents.base.guarded_step): a non-finite one is dropped, and reported.
 def critic_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
-    """One critic step and the target's Polyak update: (state, (loss, mean Q))."""
+    """One critic step and the target's Polyak update (neither, if the step is dropped):
+    (state, (loss, mean Q, dropped))."""
     (loss, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, nets, state, batch, key)
-    updates, opt_critic = adam(nets.cfg).update(g, state.opt_critic, state.critic)
-    critic = optax.apply_updates(state.critic, updates)
-    target = optax.incremental_update(critic, state.critic_target, nets.cfg.tau)
-    return state.replace(critic=critic, opt_critic=opt_critic, critic_target=target), (loss, q_mean)
+    critic, opt_critic, dropped = guarded_step(adam(nets.cfg), g, state.opt_critic, state.critic)
+    tau = nets.cfg.tau
+    target = jax.tree.map(lambda c, t: jnp.where(dropped, t, (1 - tau) * t + tau * c), critic, state.critic_target)
+    return state.replace(critic=critic, opt_critic=opt_critic, critic_target=target), (loss, q_mean, dropped)
 
 
-def apply_actor_gradient(nets: SACNetworks, state: SACState, grads: dict) -> SACState:
-    updates, opt_actor = adam(nets.cfg).update(grads, state.opt_actor, state.actor)
-    return state.replace(actor=optax.apply_updates(state.actor, updates), opt_actor=opt_actor)
+def apply_actor_gradient(nets: SACNetworks, state: SACState, grads: dict) -> tuple[SACState, jax.Array]:
+    actor, opt_actor, dropped = guarded_step(adam(nets.cfg), grads, state.opt_actor, state.actor)
+    return state.replace(actor=actor, opt_actor=opt_actor), dropped
 
 
 def temperature_step(state: SACState, logp: jax.Array, mask: jax.Array, target_entropy: jax.Array,
                      optimizer: optax.GradientTransformation):
-    """One temperature step toward `target_entropy` given the actor step's log-probabilities: (state, loss)."""
+    """One temperature step toward `target_entropy` given the actor step's log-probabilities:
+    (state, loss, dropped)."""
     loss, g = jax.value_and_grad(temperature_loss)(state.log_temperature, logp, mask, target_entropy)
-    updates, opt_t = optimizer.update(g, state.opt_temperature, state.log_temperature)
-    return state.replace(log_temperature=optax.apply_updates(state.log_temperature, updates),
-                         opt_temperature=opt_t), loss
+    log_temperature, opt_t, dropped = guarded_step(optimizer, g, state.opt_temperature, state.log_temperature)
+    return state.replace(log_temperature=log_temperature, opt_temperature=opt_t), loss, dropped
 
 
 def target_entropy(nets: SACNetworks) -> float:
@@ -188,15 +192,16 @@ def target_entropy(nets: SACNetworks) -> float:
 def gradient_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array):
     """SAC's critic, actor and temperature steps on one minibatch: (state, metrics)."""
     k_critic, k_actor = jax.random.split(key)
-    state, (loss_c, q_mean) = critic_step(nets, state, batch, k_critic)
+    state, (loss_c, q_mean, dropped_c) = critic_step(nets, state, batch, k_critic)
     (loss_a, logp), g = jax.value_and_grad(actor_loss, has_aux=True)(state.actor, nets, state, batch, k_actor)
-    state = apply_actor_gradient(nets, state, g)
-    state, loss_t = temperature_step(state, logp, batch["mask"], target_entropy(nets), adam(nets.cfg))
+    state, dropped_a = apply_actor_gradient(nets, state, g)
+    state, loss_t, dropped_t = temperature_step(state, logp, batch["mask"], target_entropy(nets), adam(nets.cfg))
     return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
-                   "temperature": jnp.exp(state.log_temperature), "entropy": -jnp.mean(logp), "q_mean": q_mean}
+                   "temperature": jnp.exp(state.log_temperature), "entropy": -jnp.mean(logp), "q_mean": q_mean,
+                   DROPPED: count(dropped_c, dropped_a, dropped_t)}
 
 
-METRICS = ("loss/critic", "loss/actor", "loss/temperature", "temperature", "entropy", "q_mean")
+METRICS = ("loss/critic", "loss/actor", "loss/temperature", "temperature", "entropy", "q_mean", DROPPED)
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -222,7 +227,7 @@ def make_sac(cfg: SACConfig, observation_size: int, action_size: int) -> Agent:
         batches = sample(k_sample, (cfg.utd, cfg.batch_size))
         state, metrics = jax.lax.scan(lambda s, x: gradient_step(nets, s, *x), state,
                                       (batches, jax.random.split(key, cfg.utd)))
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, summarise(metrics)
 
     return Agent(name="sac", config=cfg, init=lambda key: init_state(nets, observation_size, key),
                  act=lambda state, obs, key, explore: act(nets, state.actor, obs, key, explore),

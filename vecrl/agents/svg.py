@@ -29,7 +29,7 @@ import optax
 from flax import struct
 
 from vecrl.agents import sac
-from vecrl.agents.base import Agent, Batch, Sampler
+from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_step, summarise
 from vecrl.agents.mbpo import masked_mean
 from vecrl.agents.sac import SACConfig, SACState
 from vecrl.networks import MLP
@@ -243,27 +243,28 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         normalised: SAC's critic step, the actor's step, the temperature's step toward the scheduled target, and
         the reward net's step."""
         k_critic, k_actor = jax.random.split(key)
-        sac_state, (loss_c, q_mean) = sac.critic_step(nets, state.sac, batch, k_critic)
+        sac_state, (loss_c, q_mean, dropped_c) = sac.critic_step(nets, state.sac, batch, k_critic)
         state = state.replace(sac=sac_state)
         (loss_a, logp), g = actor_gradient(state, batch, k_actor, use_model)
-        sac_state = sac.apply_actor_gradient(nets, sac_state, g)
-        sac_state, loss_t = sac.temperature_step(sac_state, logp, batch["mask"], entropy_target,
-                                                 temperature_optimizer)
+        sac_state, dropped_a = sac.apply_actor_gradient(nets, sac_state, g)
+        sac_state, loss_t, dropped_t = sac.temperature_step(sac_state, logp, batch["mask"], entropy_target,
+                                                            temperature_optimizer)
         state = state.replace(sac=sac_state)
         if cfg.horizon > 0:  # SAC (H = 0) never uses the reward net
             loss_r, g = jax.value_and_grad(reward_loss)(state.reward, batch)
-            updates, opt_reward = reward_optimizer.update(g, state.opt_reward, state.reward)
-            state = state.replace(reward=optax.apply_updates(state.reward, updates), opt_reward=opt_reward)
+            reward, opt_reward, dropped_r = guarded_step(reward_optimizer, g, state.opt_reward, state.reward)
+            state = state.replace(reward=reward, opt_reward=opt_reward)
         else:
-            loss_r = jnp.zeros(())
+            loss_r, dropped_r = jnp.zeros(()), jnp.asarray(False)
         return state, {"loss/critic": loss_c, "loss/actor": loss_a, "loss/temperature": loss_t,
                        "temperature": jnp.exp(sac_state.log_temperature), "entropy": -jnp.mean(logp),
-                       "q_mean": q_mean, "model/reward_mse": loss_r}
+                       "q_mean": q_mean, "model/reward_mse": loss_r,
+                       DROPPED: count(dropped_c, dropped_a, dropped_t, dropped_r)}
 
     def dynamics_step(state: SVGState, sequences: Batch):
         loss, g = jax.value_and_grad(dynamics_loss)(state.dynamics, sequences)
-        updates, opt_dynamics = dynamics_optimizer.update(g, state.opt_dynamics, state.dynamics)
-        return state.replace(dynamics=optax.apply_updates(state.dynamics, updates), opt_dynamics=opt_dynamics), loss
+        dynamics, opt_dynamics, dropped = guarded_step(dynamics_optimizer, g, state.opt_dynamics, state.dynamics)
+        return state.replace(dynamics=dynamics, opt_dynamics=opt_dynamics), (loss, dropped)
 
     def update(state: SVGState, sample: Sampler, key: jax.Array, step: jax.Array):
         """`utd` single-step updates, then `model_updates` dynamics steps on sequences (the paper's Algorithm 1),
@@ -274,12 +275,13 @@ def make_svg(cfg: SVGConfig, observation_size: int, action_size: int) -> Agent:
         batches = normalised(state, sample(k_batch, (cfg.utd, cfg.batch_size)))
         state, metrics = jax.lax.scan(lambda s, x: gradient_step(s, *x, entropy_target, use_model), state,
                                       (batches, jax.random.split(k_steps, cfg.utd)))
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = summarise(metrics)
         if cfg.horizon > 0:
             sequences = normalised(state, sample(k_sequences, (cfg.model_updates, cfg.model_batch_size),
                                                  length=cfg.horizon))
-            state, obs_mse = jax.lax.scan(dynamics_step, state, sequences)
+            state, (obs_mse, dropped) = jax.lax.scan(dynamics_step, state, sequences)
             metrics["model/obs_mse"] = jnp.mean(obs_mse)
+            metrics[DROPPED] = metrics[DROPPED] + count(dropped)
         else:
             metrics["model/obs_mse"] = jnp.zeros(())
         metrics["target_entropy"] = entropy_target
