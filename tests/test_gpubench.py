@@ -42,6 +42,9 @@ def test_gpu_suite_runs_at_quickstart_size_and_never_overwrites(tmp_path):
         # quickstart MAD-TD: per seed, the matmuls of one agent step are at least the critic's batch-64 GEMMs
         assert r["matmul_gflop_per_agent_step_per_seed"] > 2 * 64 * 64 * 64 / 1e9
         assert math.isfinite(r["achieved_matmul_tflop_per_s"])
+    cost = next(r for r in rows if r["kind"] == "madtd_update_cost")
+    assert cost["update_gflop_per_agent_step"] >= cost["update_matmul_gflop_per_agent_step"] > 0
+    assert cost["update_tflop_per_s"] > 0 and cost["bytes_over_agent_state"] >= 1
     ratio = next(r for r in rows if r["kind"] == "seed_scaling")["value"]
     assert ratio == pytest.approx(madtd[10]["agent_steps_per_s_total"] / madtd[1]["agent_steps_per_s_total"], rel=0.01)
     # a second run into the same folder is refused before measuring, and the first run's file is kept

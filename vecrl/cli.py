@@ -75,7 +75,19 @@ def _cmd_bench(args) -> int:
         print(f"results: {path}")
         return 0
     spec = config.load_spec(args.spec, args.set or [])
-    bench.run_bench(spec, args.seeds, args.size or ["quickstart", "paper"], args.chunks, args.chunk_steps, args.jsonl)
+    if args.suite == "project":
+        import tempfile  # pylint: disable=import-outside-toplevel
+
+        from vecrl.run import format_duration  # pylint: disable=import-outside-toplevel
+
+        with tempfile.TemporaryDirectory(prefix="vecrl-bench-") as directory:
+            result = bench.project_spec(spec, directory)
+        print(json.dumps(result), flush=True)
+        print(f"{spec.name}: projected {format_duration(result['projected_total_s'])} on this device "
+              f"({result['compile_s']:.0f} s compiling), evaluation and checkpoints included")
+        return 0
+    bench.run_bench(spec, args.seeds, args.size or ["quickstart", "paper"], args.chunks, args.chunk_steps, args.jsonl,
+                    tuple(args.precision))
     return 0
 
 
@@ -160,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help="spec whose first domain, agent and action repeat are used")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 5, 10, 20])
-    p.add_argument("--suite", choices=["seeds", "gpu"], default="seeds",
-                   help="seeds: throughput vs number of seeds (default); gpu: the prepared accelerator benchmark "
-                        "(physics latency, paper-size MAD-TD for 1 and 10 seeds, FLOP/s, memory, hard-suite projection)")
+    p.add_argument("--suite", choices=["seeds", "gpu", "project"], default="seeds",
+                   help="seeds: throughput vs number of seeds, with the update's FLOP and bytes per agent step "
+                        "(default); gpu: the prepared accelerator benchmark (physics latency, paper-size MAD-TD for 1 "
+                        "and 10 seeds, FLOP/s, memory, hard-suite projection); project: the wall time of a whole run "
+                        "of the spec on this device, from its programs' measured chunks, evaluation and checkpoint")
+    p.add_argument("--precision", nargs="+", default=["default"], choices=["default", "float32", "tf32", "bfloat16"],
+                   help="--suite seeds: matmul precisions to measure (train.matmul_precision)")
     p.add_argument("--out", help="--suite gpu: folder for gpu-bench.jsonl")
     p.add_argument("--size", nargs="+", choices=["quickstart", "paper"],
                    help="network and update sizes (default: both; --suite gpu: paper on an accelerator, else quickstart)")

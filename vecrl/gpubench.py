@@ -7,7 +7,10 @@ measured (`DIR/gpu-bench.jsonl`), so that a run cut short still leaves its data.
    one program: compile time, per-agent-step time of warm-up chunks (env, inserts; no updates) and of update chunks,
    agent steps/s, matmul FLOPs per agent step (`vecrl.flops`, loop trip counts included) and the FLOP/s achieved,
    XLA's own cost analysis of the chunk (loop bodies once), and the device's peak memory.
-3. The projected wall time of `madtd-hard` (7 tasks x 10 seeds x 1M agent steps, two programs) from those figures.
+3. The update's FLOP and bytes per agent step (XLA's cost analysis, `vecrl.bench.update_cost`) and the FLOP/s the
+   10-seed program achieves; then the 10-seed program again at each other matmul precision (paper size: bfloat16
+   and float32; "default" is TF32 on recent NVIDIA GPUs).
+4. The projected wall time of `madtd-hard` (7 tasks x 10 seeds x 1M agent steps, two programs) from those figures.
 
 `--size quickstart` runs the same measurements with the quickstart's networks on cheap tasks (cartpole), which is
 what a CPU can do in a few minutes; the tests run it that way.
@@ -25,16 +28,18 @@ import numpy as np
 
 from envs_mjx.bench import mjx_rates
 from vecrl import config
-from vecrl.bench import bench_spec, compiled_chunk
+from vecrl.bench import bench_spec, compiled_chunk, update_cost
 from vecrl.config import RunSpec, validate
 from vecrl.flops import traced_matmul_flops, xla_cost_flops
 
 # What each size measures. Paper: the hard suite's figures. Quickstart: the same code paths, cheap enough for a CPU.
 SUITES = {
     "paper": dict(physics_tasks=("humanoid-run", "dog-run"), train_task="humanoid-run", batches=(10, 70),
-                  physics_steps=100, seeds=(10, 1), chunk_steps=50, update_chunks=3, capacity=1_000_000),
+                  physics_steps=100, seeds=(10, 1), chunk_steps=50, update_chunks=3, capacity=1_000_000,
+                  precisions=("default", "bfloat16", "float32")),
     "quickstart": dict(physics_tasks=("cartpole-balance",), train_task="cartpole-balance", batches=(10, 70),
-                       physics_steps=50, seeds=(10, 1), chunk_steps=20, update_chunks=2, capacity=10_000),
+                       physics_steps=50, seeds=(10, 1), chunk_steps=20, update_chunks=2, capacity=10_000,
+                       precisions=("default",)),
 }
 HARD_SUITE = {"humanoid": 3, "dog": 4}  # madtd-hard's programs: tasks per domain (10 seeds each)
 HARD_STEPS = 1_000_000
@@ -57,12 +62,15 @@ def peak_memory_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def training_spec(task: str, seeds: int, size: str, chunk_steps: int, capacity: int) -> RunSpec:
-    """MAD-TD at `size` with MPC off, as `vecrl bench` sizes it (vecrl.bench.bench_spec), with replay `capacity`."""
+def training_spec(task: str, seeds: int, size: str, chunk_steps: int, capacity: int,
+                  precision: str = "default") -> RunSpec:
+    """MAD-TD at `size` with MPC off, as `vecrl bench` sizes it (vecrl.bench.bench_spec), with replay `capacity`
+    and matmul `precision`."""
     base = config.spec_from_dict({"name": "gpu-bench", "agent": "madtd", "tasks": [task], "madtd": {"mpc": False}})
     spec = bench_spec(base, seeds, size, chunk_steps)
     spec = dataclasses.replace(spec, name=f"gpu-bench-{size}-{seeds}",
-                               train=dataclasses.replace(spec.train, capacity=max(capacity, spec.train.capacity)))
+                               train=dataclasses.replace(spec.train, capacity=max(capacity, spec.train.capacity),
+                                                         matmul_precision=precision))
     validate(spec)
     return spec
 
@@ -155,11 +163,23 @@ def run_gpu_suite(out_dir: str, size: str | None = None) -> str:
         spec = training_spec(suite["train_task"], seeds, size, suite["chunk_steps"], suite["capacity"])
         row = measure_training(spec, suite["update_chunks"])
         training[seeds] = row
-        out.write({"kind": "madtd", "size": size, "task": suite["train_task"], "mpc": False, **row,
-                   "elapsed_s": round(time.perf_counter() - t_start, 1)})
+        out.write({"kind": "madtd", "size": size, "task": suite["train_task"], "mpc": False, "precision": "default",
+                   **row, "elapsed_s": round(time.perf_counter() - t_start, 1)})
     if 1 in training and 10 in training:
         out.write({"kind": "seed_scaling", "metric": "time of ten 1-seed runs / one 10-seed run",
                    "value": round(training[10]["agent_steps_per_s_total"] / training[1]["agent_steps_per_s_total"], 2)})
+    # The update's cost per lane and agent step (XLA's count; floors), and the FLOP/s the 10-seed program achieved.
+    seeds = max(suite["seeds"])
+    cost = update_cost(training_spec(suite["train_task"], seeds, size, suite["chunk_steps"], suite["capacity"]))
+    out.write({"kind": "madtd_update_cost", "seeds": seeds, **cost,
+               "update_tflop_per_s": round(cost["update_gflop_per_agent_step"]
+                                           * training[seeds]["agent_steps_per_s_total"] / 1e3, 4),
+               "elapsed_s": round(time.perf_counter() - t_start, 1)})
+    for precision in suite["precisions"][1:]:  # the other matmul precisions, on the 10-seed program
+        row = measure_training(training_spec(suite["train_task"], seeds, size, suite["chunk_steps"],
+                                             suite["capacity"], precision), suite["update_chunks"])
+        out.write({"kind": "madtd", "size": size, "task": suite["train_task"], "mpc": False, "precision": precision,
+                   **row, "elapsed_s": round(time.perf_counter() - t_start, 1)})
     for task in suite["physics_tasks"][1:]:
         physics_rows(task)
     projection = project_hard_suite(physics, training) if size == "paper" else None

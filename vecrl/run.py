@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -14,11 +15,12 @@ import numpy as np
 
 import envs_mjx
 from vecrl import config as config_lib
+from vecrl.agents.base import DROPPED
 from vecrl.checkpoint import CheckpointError, Checkpoints
 from vecrl.config import RunSpec, SpecError
 from vecrl.flops import host_matmul_flops_per_s, traced_matmul_flops
 from vecrl.metrics import MetricsWriter, Progress
-from vecrl.train import DomainProgram
+from vecrl.train import DomainProgram, matmul_precision_problem
 
 DEFAULT_OUTPUT_ROOT = "outputs"
 
@@ -92,6 +94,10 @@ def check_memory(programs: dict[str, DomainProgram]) -> dict[str, int]:
 
 
 def check_ported(spec: RunSpec) -> None:
+    """The spec's tasks exist on MJX and its matmul precision on this backend; else a RunError, before compiling."""
+    problem = matmul_precision_problem(spec, jax.default_backend())
+    if problem:
+        raise RunError(problem)
     available = envs_mjx.available_domains()
     unported = [t for t in spec.tasks if t.split("-")[0] not in available]
     if unported:
@@ -233,9 +239,35 @@ def _chunk_records(spec: RunSpec, program: DomainProgram, outputs: dict, start_s
                    "env_nan": bool(outputs["env_nan"][:, si, ti].any()),
                    "rejected_updates": int(rejected.sum())}
             for name, values in outputs["metrics"].items():
-                rec[name] = float(values[:, si, ti][use].mean()) if use.any() else None
+                if name == DROPPED:  # optimiser steps dropped in the chunk, rejected agent steps included
+                    rec[name] = float(values[:, si, ti][updated].sum()) if updated.any() else None
+                else:
+                    rec[name] = float(values[:, si, ti][use].mean()) if use.any() else None
             records.append(rec)
     return records
+
+
+def state_layout(abstract_state) -> str:
+    """A digest of the run state's structure (every leaf's path, shape and dtype): a checkpoint restores only into
+    the layout it was written from."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    text = ";".join(f"{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{x.dtype}" for path, x in leaves)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _closing(ckpt: Checkpoints):
+    """Whatever ends the loop, the checkpoint being written in the background is finished (a failed one raises
+    RunError naming the last good one) before the run returns."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    finally:
+        try:
+            ckpt.close()
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
 
 
 def _finite_or_none(value) -> float | None:
@@ -264,12 +296,25 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
         if step is None:
             raise RunError(f"{run_dir} has no complete checkpoint to resume from")
         abstract = {"domains": {d: p.abstract_state() for d, p in programs.items()}}
-        states = ckpt.restore(step, abstract)["domains"]
+        with open(config_path) as f:
+            saved_layout = json.load(f).get("state_layout")
+        layout_error = RunError(f"{run_dir} was written by a version of vecrl whose run state is laid out differently "
+                                "(agents' networks or buffers changed since): this version cannot resume it. Finish "
+                                "it with the vecrl it was started with, or start a new run.")
+        if saved_layout is not None and saved_layout != state_layout(abstract):
+            raise layout_error
+        try:
+            states = ckpt.restore(step, abstract)["domains"]
+        except (ValueError, KeyError, TypeError):
+            if saved_layout is None:  # a run folder from before layouts were recorded
+                raise layout_error from None
+            raise
         wall_offset = metrics.truncate_after(step)
     else:
         with open(config_path, "w") as f:
+            abstract = {"domains": {d: p.abstract_state() for d, p in programs.items()}}
             json.dump({"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
-                       "state_bytes": memory, "jax": jax.__version__, "backend": jax.default_backend(),
+                       "state_layout": state_layout(abstract), "state_bytes": memory, "jax": jax.__version__, "backend": jax.default_backend(),
                        "device": str(jax.devices()[0].device_kind)}, f, indent=2)
         states = {d: p.init() for d, p in programs.items()}
         step, wall_offset = 0, 0.0
@@ -287,7 +332,8 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
     bar = Progress(spec, step, enabled=progress)
     stop, chunks_done = _Stop(), 0
     status = "complete"
-    with stop.installed():
+    eval_s = checkpoint_s = 0.0  # host time spent evaluating, and blocked on checkpoints
+    with stop.installed(), _closing(ckpt):
         while step < spec.train.steps:
             t_chunk = time.perf_counter()
             records = []
@@ -302,7 +348,9 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
             evaluate = (spec.train.eval_every and step % spec.train.eval_every == 0) or step == spec.train.steps
             evaluation = {}  # (seed, task) -> eval return and diagnostics
             if evaluate:
+                t_eval = time.perf_counter()
                 evaluations = jax.device_get({d: compiled[d][1](states[d]) for d in programs})  # dispatched alike
+                eval_s += time.perf_counter() - t_eval
                 for d, p in programs.items():
                     out = evaluations[d]  # [seed, task] (eval_return: [.., episodes])
                     for si, seed in enumerate(spec.seeds):
@@ -322,17 +370,22 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
             interrupted = stop.signal is not None or (stop_after_chunks is not None and chunks_done >= stop_after_chunks)
             due = spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0
             if due or interrupted or step == spec.train.steps:
-                try:
-                    ckpt.save(step, {"domains": states})
-                except CheckpointError as e:
-                    raise RunError(str(e)) from None
+                t_save = time.perf_counter()
+                ckpt.save(step, {"domains": states})  # written in the background while the next chunk runs
+                checkpoint_s += time.perf_counter() - t_save
             if interrupted and step < spec.train.steps:
                 status = "interrupted"
+                ckpt.wait()
                 bar.note(f"stopped at step {step} (checkpoint saved); continue with `vecrl resume {run_dir}`")
                 break
     bar.close()
-    ckpt.close()
+    run_s = time.perf_counter() - t0
+    note(f"evaluation took {eval_s:.0f} s and checkpoints blocked training for {checkpoint_s:.0f} s, of "
+         f"{run_s:.0f} s since compiling ({100 * eval_s / max(run_s, 1e-9):.0f}% and "
+         f"{100 * checkpoint_s / max(run_s, 1e-9):.0f}%)")
     summary = _summary(spec, run_dir, step, status, metrics, compile_s)
+    summary["time_s"] = {"run": round(run_s, 1), "evaluation": round(eval_s, 1),
+                         "checkpoint_blocking": round(checkpoint_s, 1)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     summary["signal"] = stop.signal
