@@ -75,8 +75,8 @@ def measure(spec: RunSpec, chunks: int) -> dict:
     agent_steps = chunks * spec.train.chunk_steps
     lanes = len(spec.seeds) * len(spec.tasks)
     return {"seeds": len(spec.seeds), "tasks": len(spec.tasks), "compile_s": round(compile_s, 1),
-            "agent_steps_per_s_per_seed": round(agent_steps / seconds, 2),
-            "agent_steps_per_s_total": round(agent_steps * lanes / seconds, 1),
+            "agent_steps_per_s_per_seed": round(agent_steps / seconds, 3),
+            "agent_steps_per_s_total": round(agent_steps * lanes / seconds, 3),
             "gradient_steps_per_s": round(agent_steps * lanes * spec.agent_config.utd / seconds, 1)}
 
 
