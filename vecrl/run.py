@@ -379,9 +379,9 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
                 bar.note(f"stopped at step {step} (checkpoint saved); continue with `vecrl resume {run_dir}`")
                 break
     bar.close()
-    run_s = time.perf_counter() - t0
+    run_s = time.perf_counter() - t0 - compile_s
     note(f"evaluation took {eval_s:.0f} s and checkpoints blocked training for {checkpoint_s:.0f} s, of "
-         f"{run_s:.0f} s since compiling ({100 * eval_s / max(run_s, 1e-9):.0f}% and "
+         f"{run_s:.0f} s after compiling ({100 * eval_s / max(run_s, 1e-9):.0f}% and "
          f"{100 * checkpoint_s / max(run_s, 1e-9):.0f}%)")
     summary = _summary(spec, run_dir, step, status, metrics, compile_s)
     summary["time_s"] = {"run": round(run_s, 1), "evaluation": round(eval_s, 1),
