@@ -144,6 +144,12 @@ def update_cost(spec: RunSpec) -> dict:
             "bytes_over_agent_state": round(bytes_accessed / state_bytes, 2)}
 
 
+def _refuse_unavailable_precision(spec: RunSpec) -> None:
+    problem = matmul_precision_problem(spec, jax.default_backend())
+    if problem:
+        raise SpecError(problem)
+
+
 def run_bench(spec: RunSpec, seeds: list[int], sizes: list[str], chunks: int, chunk_steps: int, jsonl: str | None,
               precisions: tuple[str, ...] = ("default",)):
     """Per size, precision and seed count: throughput (`measure`), and the update's cost per agent step
@@ -155,8 +161,7 @@ def run_bench(spec: RunSpec, seeds: list[int], sizes: list[str], chunks: int, ch
         for n in seeds:
             bench = bench_spec(spec, n, size, chunk_steps)
             bench = dataclasses.replace(bench, train=dataclasses.replace(bench.train, matmul_precision=precision))
-            if matmul_precision_problem(bench, jax.default_backend()):
-                raise SpecError(matmul_precision_problem(bench, jax.default_backend()))
+            _refuse_unavailable_precision(bench)
             row = {"agent": spec.agent, "size": size, "precision": precision, "task": ",".join(bench.tasks),
                    "device": device, **measure(bench, chunks), **update_cost(bench)}
             row["update_tflop_per_s"] = round(row["update_gflop_per_agent_step"] * row["agent_steps_per_s_total"]
@@ -209,8 +214,7 @@ def project_spec(spec: RunSpec, directory: str) -> dict:
     `directory`; project the whole run's wall time from them (`projected_seconds`)."""
     from vecrl.checkpoint import Checkpoints  # pylint: disable=import-outside-toplevel
 
-    if matmul_precision_problem(spec, jax.default_backend()):
-        raise SpecError(matmul_precision_problem(spec, jax.default_backend()))
+    _refuse_unavailable_precision(spec)
     schedule = spec_schedule(spec)
     t = spec.train
     per_domain, states = {}, {}

@@ -84,6 +84,12 @@ def guarded_step(optimizer: optax.GradientTransformation, grads, opt_state, para
     return params, new_opt_state, ~ok
 
 
+def guarded_polyak(online, target, tau: float, dropped: jax.Array):
+    """target <- (1 - tau) target + tau online, unless the online network's step was dropped (then the whole step,
+    target update included, is undone)."""
+    return jax.tree.map(lambda o, t: jnp.where(dropped, t, (1 - tau) * t + tau * o), online, target)
+
+
 def count(*dropped: jax.Array) -> jax.Array:
     """The number of dropped steps among `dropped` (booleans of any shape), as a float metric."""
     return sum(jnp.sum(d.astype(jnp.float32)) for d in dropped)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_step
+from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_polyak, guarded_step
 from vecrl.distributional import HLGauss
 from vecrl.networks import MLP, LatentHead, StackedMLP, simnorm, simnorm_log
 from vecrl.validation import (BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_CLOSED, UNIT_LEFT_OPEN,
@@ -279,9 +279,7 @@ def make_madtd(cfg: MadTDConfig, observation_size: int, action_size: int) -> Age
         (loss, q_mean), grads = jax.value_and_grad(
             lambda critic: critic_loss(state.replace(critic=critic), batch, key, encoded), has_aux=True)(state.critic)
         critic, opt, dropped = guarded_step(opt_critic, grads, state.opt_critic, state.critic)
-        # A dropped step leaves the target where it was too: the whole step is undone.
-        target = jax.tree.map(lambda c, t: jnp.where(dropped, t, (1 - cfg.tau) * t + cfg.tau * c), critic,
-                              state.critic_target)
+        target = guarded_polyak(critic, state.critic_target, cfg.tau, dropped)
         return state.replace(critic=critic, critic_target=target, opt_critic=opt), loss, q_mean, dropped
 
     def actor_update(state: MadTDState, batch: Batch, z=None):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_step, summarise
+from vecrl.agents.base import DROPPED, Agent, Batch, Sampler, count, guarded_polyak, guarded_step, summarise
 from vecrl.networks import MLP, StackedMLP
 from vecrl.validation import FINITE, POSITIVE, POSITIVE_INT, UNIT_LEFT_OPEN, UNIT_RIGHT_OPEN, rule
 
@@ -166,8 +166,7 @@ def critic_step(nets: SACNetworks, state: SACState, batch: Batch, key: jax.Array
     (state, (loss, mean Q, dropped))."""
     (loss, q_mean), g = jax.value_and_grad(critic_loss, has_aux=True)(state.critic, nets, state, batch, key)
     critic, opt_critic, dropped = guarded_step(adam(nets.cfg), g, state.opt_critic, state.critic)
-    tau = nets.cfg.tau
-    target = jax.tree.map(lambda c, t: jnp.where(dropped, t, (1 - tau) * t + tau * c), critic, state.critic_target)
+    target = guarded_polyak(critic, state.critic_target, nets.cfg.tau, dropped)
     return state.replace(critic=critic, opt_critic=opt_critic, critic_target=target), (loss, q_mean, dropped)
 
 
