@@ -1,6 +1,6 @@
 """envs_mjx: the DeepMind Control Suite on MuJoCo XLA, as pure JAX functions.
 
-    env = envs_mjx.make("walker-run", action_repeat=2)
+    env = envs_mjx.make("walker-run", action_repeat=2)        # backend="host": dm_control's C MuJoCo
     state = env.reset(jax.random.key(0))
     state = env.step(state, action)
 """
@@ -12,11 +12,11 @@ _xla_flags.apply()
 import contextlib as _contextlib  # noqa: E402
 import io as _io  # noqa: E402
 
-# mujoco.mjx prints "Failed to import warp" when the optional GPU backend is absent; we use the JAX backend.
+# mujoco.mjx prints "Failed to import warp" when warp-lang is absent; only the warp backend needs it.
 with _contextlib.redirect_stdout(_io.StringIO()):
     from mujoco import mjx as _mjx  # noqa: E402,F401
 
 from envs_mjx.base import Env, EnvState  # noqa: E402
-from envs_mjx.registry import DOMAINS, TASKS, available_domains, list_tasks, make  # noqa: E402
+from envs_mjx.registry import BACKENDS, DOMAINS, TASKS, available_domains, list_tasks, make  # noqa: E402
 
-__all__ = ["DOMAINS", "Env", "EnvState", "TASKS", "available_domains", "list_tasks", "make"]
+__all__ = ["BACKENDS", "DOMAINS", "Env", "EnvState", "TASKS", "available_domains", "list_tasks", "make"]

@@ -164,6 +164,42 @@ def is_penetrating(d: mjx.Data) -> jax.Array:
     return jnp.any(contact.dist < contact.includemargin)
 
 
+# ------------------------------------------------------------------------------- what every backend shares
+def ctrl_bounds(mj_model: mujoco.MjModel) -> tuple[np.ndarray, np.ndarray]:
+    """The controls that the agent's actions -1 and +1 map to. dm_control's action spec is the actuators'
+    ctrlrange; agents act in [-1, 1] through dm_control's action_scale wrapper (an affine map), which is the
+    identity where ctrlrange is already [-1, 1]."""
+    ctrlrange = np.asarray(mj_model.actuator_ctrlrange, np.float32)
+    limited = np.asarray(mj_model.actuator_ctrllimited, bool)
+    return (np.where(limited, ctrlrange[:, 0], -1.0).astype(np.float32),
+            np.where(limited, ctrlrange[:, 1], 1.0).astype(np.float32))
+
+
+def episode_length(domain: Domain, action_repeat: int) -> int:
+    """Agent steps per episode of `domain` at `action_repeat`."""
+    if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
+        raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
+    control_steps = int(round(domain.time_limit))
+    if control_steps % action_repeat:
+        raise ValueError(f"action_repeat {action_repeat} does not divide the {control_steps} control steps "
+                         f"of a {domain.name} episode")
+    return control_steps // action_repeat
+
+
+def check_action(env_name: str, action_size: int, action) -> jax.Array:
+    """`action` as float32 clipped to [-1, 1]; a wrong shape or dtype fails at trace time, naming the env."""
+    shape = getattr(action, "shape", None)
+    dtype = getattr(action, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{env_name}: action must be an array of shape ({action_size},), got {type(action).__name__}")
+    if tuple(shape) != (action_size,):
+        raise ValueError(f"{env_name}: action must have shape ({action_size},) (vmap over leading axes), "
+                         f"got {tuple(shape)}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{env_name}: action must be floating point in [-1, 1], got dtype {dtype}")
+    return jnp.clip(jnp.asarray(action, jnp.float32), -1.0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------- the env
 def _as_param_arrays(params: TaskParams) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
@@ -181,27 +217,16 @@ class Env:
     def __init__(self, domain: Domain, task: str, action_repeat: int = 1):
         if task not in domain.tasks:
             raise ValueError(f"domain {domain.name!r} has no task {task!r}; tasks: {sorted(domain.tasks)}")
-        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
-            raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
+        self.episode_length = episode_length(domain, action_repeat)  # agent steps; checked before compiling
         self.domain = domain
         self.task = task
         self.name = f"{domain.name}-{task}"
         self.action_repeat = action_repeat
         self.mj_model, self.mjx_model = compile_domain(domain)
         self.n_sub_steps = n_sub_steps(domain, self.mj_model)
-        control_steps = int(round(domain.time_limit))
-        if control_steps % action_repeat:
-            raise ValueError(f"action_repeat {action_repeat} does not divide the {control_steps} control steps "
-                             f"of a {self.name} episode")
-        self.episode_length = control_steps // action_repeat  # agent steps
         self.params = _as_param_arrays(domain.tasks[task])
         self.action_size = int(self.mj_model.nu)
-        ctrlrange = np.asarray(self.mj_model.actuator_ctrlrange, np.float32)
-        limited = np.asarray(self.mj_model.actuator_ctrllimited, bool)
-        # dm_control's action spec is the actuators' ctrlrange; agents act in [-1, 1] through dm_control's
-        # action_scale wrapper (an affine map), which is the identity where ctrlrange is already [-1, 1].
-        self._ctrl_low = np.where(limited, ctrlrange[:, 0], -1.0).astype(np.float32)
-        self._ctrl_high = np.where(limited, ctrlrange[:, 1], 1.0).astype(np.float32)
+        self._ctrl_low, self._ctrl_high = ctrl_bounds(self.mj_model)
         # Keys are taken outside jax: a dict returned through a transformation comes back with sorted keys,
         # not in dm_control's order, which is the flat observation's layout.
         keys = []
@@ -276,22 +301,9 @@ class Env:
         return EnvState(data=data, obs=obs, reward=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32),
                         done=jnp.asarray(False), nan=jnp.asarray(False), params=params, task_state=task_state)
 
-    def _check_action(self, action) -> jax.Array:
-        shape = getattr(action, "shape", None)
-        dtype = getattr(action, "dtype", None)
-        if shape is None or dtype is None:
-            raise TypeError(f"{self.name}: action must be an array of shape ({self.action_size},), "
-                            f"got {type(action).__name__}")
-        if tuple(shape) != (self.action_size,):
-            raise ValueError(f"{self.name}: action must have shape ({self.action_size},) (vmap over leading "
-                             f"axes), got {tuple(shape)}")
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"{self.name}: action must be floating point in [-1, 1], got dtype {dtype}")
-        return jnp.clip(jnp.asarray(action, jnp.float32), -1.0, 1.0)
-
     def step(self, state: EnvState, action: jax.Array) -> EnvState:
         """Apply `action` (in [-1, 1]) for `action_repeat` control steps; rewards are summed."""
-        action = self._check_action(action)
+        action = check_action(self.name, self.action_size, action)
         m, ctrl = self.mjx_model, self.ctrl_from_action(action)
 
         def control_step(data, _):

@@ -82,13 +82,26 @@ def available_domains() -> list[str]:
     return [d for d in DOMAINS if importlib.util.find_spec(f"envs_mjx.{d}") is not None]
 
 
-def make(name: str, action_repeat: int = 1) -> Env:
-    """The named task as an `Env` (see `envs_mjx.base.Env`). Envs of one domain share their compiled model,
-    so their `reset`/`step` can be vmapped over tasks: reset each lane with `env.task_params(task)`. An Env holds
-    only static things, so one is made per (task, action repeat) and shared, with its traced functions."""
+# Where the physics runs (envs_mjx/README.md says which to choose): "jax", MJX's pure-JAX backend, on any
+# accelerator; "host", dm_control's own C MuJoCo on the host's cores, called from the jitted program.
+BACKENDS = ("jax", "host")
+
+
+def make(name: str, action_repeat: int = 1, backend: str = "jax") -> Env:
+    """The named task as an `Env` (see `envs_mjx.base.Env`) whose physics runs on `backend`. Envs of one domain
+    share their compiled model, so their `reset`/`step` can be vmapped over tasks: reset each lane with
+    `env.task_params(task)`. An Env holds only static things, so one is made per (task, action repeat, backend)
+    and shared, with its traced functions."""
     domain, task = split_name(name)
     if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
         raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
+    if backend not in BACKENDS:
+        raise ValueError(_unknown("backend", str(backend), BACKENDS))
+    if backend == "host":
+        from envs_mjx.host import make_host  # pylint: disable=import-outside-toplevel
+
+        get_domain(domain, task)  # an unported domain fails here, as on the other backends
+        return make_host(name, action_repeat)
     return _make(get_domain(domain, task), task, action_repeat)
 
 

@@ -108,6 +108,7 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
     ({"madtd.batch_size": 512}, "larger than the replay buffer"),
     ({"seeds": 0}, "seeds"),
     ({"train.eval_every": 30}, "multiple of train.chunk_steps"),
+    ({"train.physics": "mujoco"}, "train.physics must be one of"),
 ])
 def test_bad_spec_fails_before_compiling(change, message):
     with pytest.raises(SpecError, match=message):

@@ -81,7 +81,7 @@ class DomainProgram:
     def __init__(self, spec: RunSpec, tasks: list[str]):
         self.spec, self.tasks = spec, list(tasks)
         self.train = spec.train
-        self.env = envs_mjx.make(tasks[0], action_repeat=spec.train.action_repeat)
+        self.env = envs_mjx.make(tasks[0], action_repeat=spec.train.action_repeat, backend=spec.train.physics)
         self.agent = make_agent(spec, self.env.observation_size, self.env.action_size)
         self.num_seeds, self.num_tasks = len(spec.seeds), len(tasks)
         self.task_params = [self.env.task_params(t.split("-", 1)[1]) for t in tasks]
