@@ -32,7 +32,8 @@ def test_gpu_suite_runs_at_quickstart_size_and_never_overwrites(tmp_path):
     kinds = [r["kind"] for r in rows]
     assert kinds[0] == "device" and kinds[-1] == "done"
     physics = [r for r in rows if r["kind"] == "physics"]
-    assert {r["batch"] for r in physics} == {10, 70} and all(r["rewards_finite"] for r in physics)
+    assert {(r["physics"], r["batch"]) for r in physics} == {("jax", 10), ("jax", 70), ("host", 10), ("host", 70)}
+    assert all(r["rewards_finite"] for r in physics)
     madtd = {r["seeds"]: r for r in rows if r["kind"] == "madtd"}
     assert set(madtd) == {1, 10}
     for r in madtd.values():

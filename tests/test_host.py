@@ -40,7 +40,7 @@ def test_equals_dm_control_bit_for_bit(tasks, action_repeat, monkeypatch):
     """Each lane against its own dm_control environment, reset with the task's RandomState seeded from the lane's key
     words and stepped with the same controls: observations and summed rewards equal in every bit, every step. Two
     lanes per task share one simulator (one thread), so each step starts from the other lane's leftovers."""
-    monkeypatch.setattr(host._Simulators, "threads", 1)
+    monkeypatch.setattr(host._simulators(tasks[0].split("-")[0]), "threads", 1)
     tasks = tasks * 2
     env = envs_mjx.make(tasks[0], action_repeat=action_repeat, backend="host")
     keys, states = _reset_batch(env, tasks, seed=7)
@@ -100,13 +100,15 @@ def test_episode_model_fields_hold_everything_a_reset_draws(domain):
             assert rows <= allowed, f"{name}: a reset draws model.{field} rows {sorted(rows - allowed)}, not carried"
 
 
-def test_reset_is_a_function_of_the_key():
+def test_reset_is_a_function_of_the_key(monkeypatch):
     env = envs_mjx.make("quadruped-run", backend="host")
     keys = jax.random.split(jax.random.key(3), 4)
     reset, _ = _batched(env)
     params = {"task": jnp.full((4,), env.params["task"])}
+    monkeypatch.setattr(host._simulators("quadruped"), "threads", 1)
     first = reset(keys, params)
-    # The same keys in another order and batch size (other simulators, other threads) give the same states.
+    # The same keys in another order and batch size, on other simulators and threads, give the same states.
+    monkeypatch.setattr(host._simulators("quadruped"), "threads", 2)
     again = reset(keys[::-1][:3], jax.tree.map(lambda x: x[:3], params))
     np.testing.assert_array_equal(np.asarray(first.data.state[1:][::-1]), np.asarray(again.data.state))
     assert len({np.asarray(s).tobytes() for s in first.data.state}) == 4

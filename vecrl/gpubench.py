@@ -2,7 +2,8 @@
 one prepared run sized for about 8 minutes on an H100/H200 (compiles included), written as JSON lines as they are
 measured (`DIR/gpu-bench.jsonl`), so that a run cut short still leaves its data.
 
-1. Physics latency: env agent steps/s of humanoid-run and dog-run at batch 10 and 70 (jitted scan of vmapped steps).
+1. Physics latency: env agent steps/s of humanoid-run and dog-run at batch 10 and 70 (jitted scan of vmapped steps),
+   on MJX and, last, on the host backend (dm_control's C MuJoCo on the machine's CPU cores, one callback per step).
 2. MAD-TD at paper size (512 units, batch 512, 151 bins, UTD 8, MPC off) on humanoid-run, for 1 and for 10 seeds in
    one program: compile time, per-agent-step time of warm-up chunks (env, inserts; no updates) and of update chunks,
    agent steps/s, matmul FLOPs per agent step (`vecrl.flops`, loop trip counts included) and the FLOP/s achieved,
@@ -36,10 +37,10 @@ from vecrl.flops import traced_matmul_flops, xla_cost_flops
 SUITES = {
     "paper": dict(physics_tasks=("humanoid-run", "dog-run"), train_task="humanoid-run", batches=(10, 70),
                   physics_steps=100, seeds=(10, 1), chunk_steps=50, update_chunks=3, capacity=1_000_000,
-                  precisions=("default", "bfloat16", "float32")),
+                  precisions=("default", "bfloat16", "float32"), other_physics=("host",)),
     "quickstart": dict(physics_tasks=("cartpole-balance",), train_task="cartpole-balance", batches=(10, 70),
                        physics_steps=50, seeds=(10, 1), chunk_steps=20, update_chunks=2, capacity=10_000,
-                       precisions=("default",)),
+                       precisions=("default",), other_physics=("host",)),
 }
 HARD_SUITE = {"humanoid": 3, "dog": 4}  # madtd-hard's programs: tasks per domain (10 seeds each)
 HARD_STEPS = 1_000_000
@@ -150,10 +151,11 @@ def run_gpu_suite(out_dir: str, size: str | None = None) -> str:
     physics: dict[tuple[str, int], float] = {}
     training: dict[int, dict] = {}
 
-    def physics_rows(task):
+    def physics_rows(task, backend="jax"):
         for batch in suite["batches"]:
-            row = mjx_rates([task], batch, suite["physics_steps"], action_repeat=2)[0]
-            physics[(task.split("-")[0], batch)] = row["agent_steps_per_s"]
+            row = mjx_rates([task], batch, suite["physics_steps"], action_repeat=2, physics=backend)[0]
+            if backend == "jax":  # what the training programs step, and so the projection's
+                physics[(task.split("-")[0], batch)] = row["agent_steps_per_s"]
             out.write({"kind": "physics", **row, "ms_per_agent_step": round(1e3 * batch / row["agent_steps_per_s"], 3),
                        "elapsed_s": round(time.perf_counter() - t_start, 1)})
 
@@ -185,5 +187,8 @@ def run_gpu_suite(out_dir: str, size: str | None = None) -> str:
     projection = project_hard_suite(physics, training) if size == "paper" else None
     if projection:
         out.write({"kind": "projection", **projection})
+    for backend in suite["other_physics"]:
+        for task in suite["physics_tasks"]:
+            physics_rows(task, backend)
     out.write({"kind": "done", "elapsed_s": round(time.perf_counter() - t_start, 1)})
     return path
