@@ -282,8 +282,9 @@ def execute(spec: RunSpec, run_dir: str, resume: bool = False, progress: bool = 
     `stop_after_chunks` interrupts after that many chunks as a signal would (for tests of resume)."""
     check_ported(spec)
     refuse_existing_run(run_dir, resume)
+    physics = "" if spec.train.physics == "jax" else f", physics on the {spec.train.physics} backend"
     note(f"{spec.name}: {len(spec.seeds)} seed(s) x {len(spec.tasks)} task(s), {spec.train.steps:,} agent steps, on "
-         f"{device_description()}")
+         f"{device_description()}{physics}")
     programs = {d: DomainProgram(spec, tasks) for d, tasks in spec.domains().items()}
     memory = check_memory(programs)  # before the run folder is made: a run that cannot fit leaves nothing behind
     run_dir = prepare_run_dir(run_dir, resume)
