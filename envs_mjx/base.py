@@ -418,6 +418,24 @@ def set_option(root: etree._Element, **attrs) -> None:
         option.set(k, str(v))
 
 
+def exclude_body_pairs(root: etree._Element, bodies: list[str], keep: set[frozenset[str]]) -> list[tuple[str, str]]:
+    """Add a contact `<exclude>` for every pair of `bodies` except those in `keep` and parent-child pairs (MuJoCo
+    filters those itself): MJX evaluates every candidate geom pair every step, where MuJoCo's broad phase prunes far
+    ones, so pairs that can never touch are dropped here. Returns the excluded pairs."""
+    parent = {b.get("name"): b.getparent().get("name") for b in root.iter("body")}
+    contact = root.find("contact")
+    if contact is None:
+        contact = etree.SubElement(root, "contact")
+    excluded = []
+    for i, a in enumerate(bodies):
+        for b in bodies[i + 1:]:
+            if frozenset((a, b)) in keep or parent.get(a) == b or parent.get(b) == a:
+                continue
+            etree.SubElement(contact, "exclude", body1=a, body2=b)
+            excluded.append((a, b))
+    return excluded
+
+
 def no_collisions(root: etree._Element) -> None:
     """For models whose contacts dm_control already disables (`<flag contact="disable"/>` in swimmer,
     `constraint="disable"` in fish): MJX still builds their geom pairs and refuses to load ellipsoid-box ones.
