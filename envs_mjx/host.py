@@ -39,6 +39,7 @@ import numpy as np
 from flax import struct
 
 from envs_mjx.base import EnvState, check_action, ctrl_bounds, episode_length
+from envs_mjx.parity import flat_dm_observation
 from envs_mjx.registry import get_domain, list_tasks, split_name
 
 INTEGRATION_STATE = mujoco.mjtState.mjSTATE_INTEGRATION
@@ -82,15 +83,11 @@ def _load(domain: str, task: str):
         return suite.load(domain, task, task_kwargs={"random": 0})
 
 
-def _flat(observation) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in observation.values()])
-
-
 def _finite(*arrays) -> bool:
     return all(np.all(np.isfinite(a)) for a in arrays)
 
 
-class _Lane:
+class _Simulator:
     """One dm_control environment of one task: the scratch simulator that lanes are stepped in."""
 
     def __init__(self, domain: str, task: str, fields):
@@ -134,7 +131,7 @@ class _Simulators:
         self.domain = domain
         self.tasks = tuple(split_name(t)[1] for t in list_tasks(domain))
         self.fields = EPISODE_MODEL_FIELDS.get(domain, ())
-        self.sims: dict[tuple[int, int], _Lane] = {}
+        self.sims: dict[tuple[int, int], _Simulator] = {}
         self.lock = threading.Lock()
         self.threads = int(os.environ.get("ENVS_MJX_HOST_THREADS", 0)) or self._useful_threads()
 
@@ -143,7 +140,7 @@ class _Simulators:
         the step's own Python run one thread at a time. While one thread runs Python, the others can at best be in
         C, so more threads than (C time / Python time) per control step only contend for the GIL. Measured on 2
         cores: cheetah, walker and humanoid were faster on one thread, dog on two; this rule picks the same."""
-        sim = self._simulator(0, 0)
+        sim = self.simulator(0, 0)
         n_sub_steps = sim.env._n_sub_steps  # pylint: disable=protected-access
         t0 = time.perf_counter()
         for _ in range(10):
@@ -152,32 +149,32 @@ class _Simulators:
         for _ in range(10):
             sim.task.before_step(sim.physics.data.ctrl.copy(), sim.physics)
             sim.task.get_reward(sim.physics)
-            _flat(sim.task.get_observation(sim.physics))
+            flat_dm_observation(sim.task.get_observation(sim.physics))
         t2 = time.perf_counter()
         return max(1, min(os.cpu_count() or 1, round((t1 - t0) / (t2 - t1))))
 
-    def run(self, task_index: np.ndarray, work: Callable[[_Lane, int], None]) -> None:
+    def run(self, task_index: np.ndarray, work: Callable[[_Simulator, int], None]) -> None:
         """`work(simulator, i)` for every lane i, the lanes split into one contiguous block per thread."""
         n = len(task_index)
         blocks = max(1, min(n, self.threads))
         with self.lock:
             def block(b):
                 for i in range(b * n // blocks, (b + 1) * n // blocks):
-                    work(self._simulator(int(task_index[i]), b), i)
+                    work(self.simulator(int(task_index[i]), b), i)
 
             # Make every simulator a block needs first: loading a model is not thread-safe.
             for b in range(blocks):
                 for t in set(task_index[b * n // blocks:(b + 1) * n // blocks].tolist()):
-                    self._simulator(t, b)
+                    self.simulator(t, b)
             if blocks == 1:
                 block(0)
             else:
                 list(self._pool.map(block, range(blocks)))
 
-    def _simulator(self, task: int, thread: int) -> _Lane:
+    def simulator(self, task: int, thread: int) -> _Simulator:
         sim = self.sims.get((task, thread))
         if sim is None:
-            sim = self.sims[(task, thread)] = _Lane(self.domain, self.tasks[task], self.fields)
+            sim = self.sims[(task, thread)] = _Simulator(self.domain, self.tasks[task], self.fields)
         return sim
 
 
@@ -202,7 +199,7 @@ class HostEnv:
         self.episode_length = episode_length(self.domain, action_repeat)
         self.name, self.task, self.action_repeat = name, task, action_repeat
         self._sims = _simulators(domain_name)
-        probe = _Lane(domain_name, task, self._sims.fields)
+        probe = self._sims.simulator(self._sims.tasks.index(task), 0)  # made once, then shared by the lanes
         self.mj_model = probe.model
         self.n_sub_steps = probe.env._n_sub_steps  # pylint: disable=protected-access  (dm_control's own count)
         self.observation_spec = tuple((k, tuple(v.shape)) for k, v in probe.env.observation_spec().items())
@@ -288,7 +285,7 @@ class HostEnv:
     def _outputs(self, n: int, names) -> dict[str, np.ndarray]:
         return {s: np.zeros((n, *shape.shape), shape.dtype) for s, shape in zip(names, self._lane_shapes(*names))}
 
-    def _record(self, out, i, sim: _Lane, obs=None) -> None:
+    def _record(self, out, i, sim: _Simulator, obs=None) -> None:
         out["state"][i] = _to_bits(sim.get_state())
         out["qpos"][i], out["qvel"][i] = sim.physics.data.qpos, sim.physics.data.qvel
         out["act"][i] = sim.physics.data.act
@@ -301,10 +298,10 @@ class HostEnv:
         names = ("state", "targets", "obs", "qpos", "qvel", "act")
         out = self._outputs(len(task), names)
 
-        def work(sim: _Lane, i):
+        def work(sim: _Simulator, i):
             sim.task._random = np.random.RandomState(key_words[i].astype(np.uint32))  # pylint: disable=protected-access
             timestep = sim.env.reset()
-            self._record(out, i, sim, _flat(timestep.observation))
+            self._record(out, i, sim, flat_dm_observation(timestep.observation))
             out["targets"][i] = _to_bits(sim.get_targets())
 
         self._sims.run(task, work)
@@ -316,12 +313,12 @@ class HostEnv:
         names = ("state", "obs", "qpos", "qvel", "act")
         out = self._outputs(len(task), names)
 
-        def work(sim: _Lane, i):
+        def work(sim: _Simulator, i):
             sim.set_targets(_from_bits(targets[i]))
             with sim.physics.reset_context():
                 sim.physics.data.qpos[:], sim.physics.data.qvel[:] = qpos[i], qvel[i]
                 sim.physics.data.act[:] = act[i]
-            self._record(out, i, sim, _flat(sim.task.get_observation(sim.physics)))
+            self._record(out, i, sim, flat_dm_observation(sim.task.get_observation(sim.physics)))
 
         self._sims.run(task, work)
         return tuple(out[k].reshape(batch + out[k].shape[1:]) for k in names)
@@ -335,7 +332,7 @@ class HostEnv:
         out = self._outputs(len(task), names)
         action_repeat, n_sub_steps = self.action_repeat, self.n_sub_steps
 
-        def work(sim: _Lane, i):
+        def work(sim: _Simulator, i):
             start = _from_bits(state[i])
             ok = False
             if not frozen[i] and _finite(start):
@@ -347,7 +344,7 @@ class HostEnv:
                         sim.physics.step(n_sub_steps)
                         sim.task.after_step(sim.physics)
                         reward += sim.task.get_reward(sim.physics)
-                    obs = _flat(sim.task.get_observation(sim.physics))
+                    obs = flat_dm_observation(sim.task.get_observation(sim.physics))
                     ok = _finite(obs, reward, sim.get_state())
                 except PhysicsError:
                     pass
@@ -363,7 +360,7 @@ class HostEnv:
         return tuple(out[k].reshape(batch + out[k].shape[1:]) for k in names)
 
     @staticmethod
-    def _float32_view(sim: _Lane, state: np.ndarray):
+    def _float32_view(sim: _Simulator, state: np.ndarray):
         """qpos, qvel, act of an integration state (laid out as time, qpos, qvel, act, ...)."""
         nq, nv, na = sim.model.nq, sim.model.nv, sim.model.na
         return state[1:1 + nq], state[1 + nq:1 + nq + nv], state[1 + nq + nv:1 + nq + nv + na]
