@@ -72,9 +72,11 @@ _POOL_OVERFLOW_BITS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 
 # contact inside the margin of all candidate pairs, so it needs more (default 64 rows overflow at dog's resets).
 _POOL_SIZES = {"dog": {"nconmax": 128, "njmax": 512}}
 
-# Model edits Warp itself needs, per domain (none so far: every XML loads as shipped).
-_WARP_EDITS: dict[str, Callable[[etree._Element], None]] = {}
-_WARP_MODEL_CHANGES: dict[str, tuple[str, ...]] = {}
+# Model edits Warp itself needs, per domain; every other domain's XML loads as shipped.
+_ENERGY = ("energy computation disabled (Warp refuses `<flag energy=\"enable\"/>`; nothing observed depends on it)",)
+_WARP_EDITS: dict[str, Callable[[etree._Element], None]] = {
+    d: base.drop_energy_flag for d in ("acrobot", "cartpole", "pendulum")}
+_WARP_MODEL_CHANGES: dict[str, tuple[str, ...]] = {d: _ENERGY for d in _WARP_EDITS}
 
 
 @struct.dataclass
@@ -167,7 +169,8 @@ class WarpEnv(Env):
         else:
             jax_mj_model, jax_model = base.compile_domain(domain)
             _check_same_state_layout(self.mj_model, jax_mj_model, self.name)
-            self._initialize = functools.partial(domain.initialize, jax_mj_model, jax_model)
+            draw = functools.partial(domain.initialize, jax_mj_model, jax_model)
+            self._initialize = lambda key, params: (*draw(key, params), jnp.asarray(False))
         keys = []
 
         def observation_values(data, task_state, params):
@@ -214,11 +217,12 @@ class WarpEnv(Env):
         return self._template.replace(qpos=jnp.asarray(qpos, jnp.float32), qvel=jnp.asarray(qvel, jnp.float32),
                                       act=jnp.asarray(act, jnp.float32))
 
-    def _start(self, data: mjx.Data, task_state, params) -> WarpEnvState:
-        """dm_control's `after_reset`: a forward pass with actuation disabled, then the episode's first state."""
+    def _start(self, data: mjx.Data, task_state, params, overflow=False) -> WarpEnvState:
+        """dm_control's `after_reset`: a forward pass with actuation disabled, then the episode's first state.
+        `overflow`: a pool overflowed while drawing the state (cheetah's settle)."""
         data = mjx.forward(self._no_actuation, data)
         obs = self._flat_observation(data, task_state, params)
-        overflow = self._overflowed(data)
+        overflow = overflow | self._overflowed(data)
         bad = overflow | ~base._all_finite((data.qpos, data.qvel, data.act, obs))  # pylint: disable=protected-access
         return WarpEnvState(data=data, obs=jnp.where(bad, jnp.zeros_like(obs), obs),
                             reward=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32),
@@ -228,8 +232,8 @@ class WarpEnv(Env):
     # -- the API
     def reset(self, key: jax.Array, params: TaskParams | None = None) -> WarpEnvState:
         params = self.params if params is None else params
-        drawn, task_state = self._initialize(key, params)
-        return self._start(self._fresh_data(drawn.qpos, drawn.qvel, drawn.act), task_state, params)
+        drawn, task_state, overflow = self._initialize(key, params)
+        return self._start(self._fresh_data(drawn.qpos, drawn.qvel, drawn.act), task_state, params, overflow)
 
     def restore(self, qpos: jax.Array, qvel: jax.Array, act: jax.Array, task_state: Any,
                 params: TaskParams | None = None) -> WarpEnvState:
@@ -278,7 +282,7 @@ class WarpEnv(Env):
 
 
 # ------------------------------------------------------------------------------------------ initializers
-def _cheetah_initialize(env: WarpEnv, key: jax.Array, params) -> tuple[mjx.Data, dict]:
+def _cheetah_initialize(env: WarpEnv, key: jax.Array, params) -> tuple[mjx.Data, dict, jax.Array]:
     """dm_control's cheetah `initialize_episode` on Warp with the unchanged model: limited joints uniform in
     range (the JAX backend's draw, key for key), then 200 physics steps with zero control. dm_control's first
     step is `mj_step2` on the stages of qpos0 (the state `physics.reset()` computed) applied to the drawn qpos:
@@ -296,7 +300,8 @@ def _cheetah_initialize(env: WarpEnv, key: jax.Array, params) -> tuple[mjx.Data,
     first = mjx.step(m, env._template)  # pylint: disable=protected-access
     data = first.replace(qpos=first.qpos.at[adr].add(draw))
     data = jax.lax.fori_loop(0, cheetah._SETTLE_STEPS - 1, lambda _, d: mjx.step(m, d), data)  # pylint: disable=protected-access
-    return data, {}
+    # Warp's overflow flags are sticky, so the last step's tell about all 200.
+    return data, {}, env._overflowed(data)  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------ constructor
@@ -313,3 +318,58 @@ def make_warp(name: str, action_repeat: int = 1, *, worlds: int = 64, nconmax: i
 @functools.lru_cache(maxsize=None)
 def _make_warp(domain: Domain, task: str, action_repeat: int, worlds: int, nconmax, njmax) -> WarpEnv:
     return WarpEnv(domain, task, action_repeat=action_repeat, worlds=worlds, nconmax=nconmax, njmax=njmax)
+
+
+# ------------------------------------------------------------------------------------------ measurement
+def physics_rates(name: str, batch: int, control_steps: int, seed: int = 0) -> dict:
+    """Physics steps/s summed over `batch` worlds (jitted `lax.scan` of vmapped steps, random actions): through
+    `WarpEnv.step` (with the observation pass), and through plain `mjx.step` substeps (without it); the first
+    call's seconds (compile, and kernel build when ~/.cache/warp is cold) of each."""
+    import time  # pylint: disable=import-outside-toplevel
+
+    env = make_warp(name, worlds=max(batch, 1))
+    states = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(seed), batch))
+    keys = jax.random.split(jax.random.key(seed + 1), control_steps)
+
+    def actions(k):
+        return jax.random.uniform(k, (batch, env.action_size), minval=-1, maxval=1)
+
+    @jax.jit
+    def with_observation(states, keys):
+        return jax.lax.scan(lambda s, k: (jax.vmap(env.step)(s, actions(k)), None), states, keys)[0]
+
+    @jax.jit
+    def without_observation(data, keys):
+        def substeps(d, ctrl):
+            d = d.replace(ctrl=ctrl)
+            return jax.lax.fori_loop(0, env.n_sub_steps, lambda _, x: mjx.step(env.mjx_model, x), d)
+
+        def body(d, k):
+            return jax.vmap(substeps)(d, jax.vmap(env.ctrl_from_action)(actions(k))), None
+
+        return jax.lax.scan(body, data, keys)[0]
+
+    out = {"task": name, "batch": batch, "control_steps": control_steps, "substeps": env.n_sub_steps}
+    for label, fn, arg in (("with_obs", with_observation, states), ("without_obs", without_observation, states.data)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg, keys))
+        out[f"{label}_first_call_s"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg, keys))
+        out[f"{label}_physics_steps_per_s"] = round(batch * control_steps * env.n_sub_steps
+                                                     / (time.perf_counter() - t0), 1)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse  # pylint: disable=import-outside-toplevel
+    import json  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(description="Warp physics steps/s with and without the observation pass")
+    parser.add_argument("tasks", nargs="+")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--steps", type=int, default=30, help="control steps per measured rollout")
+    args = parser.parse_args()
+    for task_name in args.tasks:
+        for b in args.batch:
+            print(json.dumps(physics_rates(task_name, b, args.steps)), flush=True)
