@@ -1,6 +1,6 @@
 """envs_mjx: the DeepMind Control Suite on MuJoCo XLA, as pure JAX functions.
 
-    env = envs_mjx.make("walker-run", action_repeat=2)        # backend="host": dm_control's C MuJoCo
+    env = envs_mjx.make("walker-run", action_repeat=2)        # backend="warp" | "host": see envs_mjx/README.md
     state = env.reset(jax.random.key(0))
     state = env.step(state, action)
 """
@@ -17,6 +17,8 @@ with _contextlib.redirect_stdout(_io.StringIO()):
     from mujoco import mjx as _mjx  # noqa: E402,F401
 
 from envs_mjx.base import Env, EnvState  # noqa: E402
-from envs_mjx.registry import BACKENDS, DOMAINS, TASKS, available_domains, list_tasks, make  # noqa: E402
+from envs_mjx.registry import (  # noqa: E402
+    BACKENDS, DOMAINS, TASKS, available_domains, backend_problem, list_tasks, make)
 
-__all__ = ["BACKENDS", "DOMAINS", "Env", "EnvState", "TASKS", "available_domains", "list_tasks", "make"]
+__all__ = ["BACKENDS", "DOMAINS", "Env", "EnvState", "TASKS", "available_domains", "backend_problem", "list_tasks",
+           "make"]

@@ -2,7 +2,7 @@
 time, and dm_control's own single-environment CPU rate for comparison.
 
     python -m envs_mjx.bench walker-run humanoid-run --batch 1 10 100 --steps 50 --action-repeat 2 --jsonl out.jsonl
-    python -m envs_mjx.bench dog-run --physics jax host     # one column per backend and batch size
+    python -m envs_mjx.bench dog-run --physics jax warp host  # one column per backend and batch size
     python -m envs_mjx.bench --markdown out.jsonl      # the table, one line per task
 
 Agent steps/s counts environment steps summed over the batch (one agent step = `action_repeat` control
@@ -25,7 +25,7 @@ def mjx_rates(tasks: list[str], batch: int, steps: int, action_repeat: int, seed
               physics: str = "jax") -> list[dict]:
     """Rates of tasks sharing one program (a domain's) on the `physics` backend: compiled once (task parameters are
     data), measured per task."""
-    env = make(tasks[0], action_repeat=action_repeat, backend=physics)
+    env = make(tasks[0], action_repeat=action_repeat, backend=physics, worlds=batch)
 
     def rollout(key, params):
         states = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, batch), params)

@@ -83,25 +83,43 @@ def available_domains() -> list[str]:
 
 
 # Where the physics runs (envs_mjx/README.md says which to choose): "jax", MJX's pure-JAX backend, on any
-# accelerator; "host", dm_control's own C MuJoCo on the host's cores, called from the jitted program.
-BACKENDS = ("jax", "host")
+# accelerator; "warp", MJX on MuJoCo Warp with dm_control's models unchanged (NVIDIA GPUs and the CPU; needs the
+# warp-lang package, the `warp` extra); "host", dm_control's own C MuJoCo on the host's cores, called from the
+# jitted program.
+BACKENDS = ("jax", "warp", "host")
 
 
-def make(name: str, action_repeat: int = 1, backend: str = "jax") -> Env:
+def backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot run in this Python, or None."""
+    if backend not in BACKENDS:
+        return _unknown("backend", str(backend), BACKENDS)
+    if backend == "warp" and importlib.util.find_spec("warp") is None:
+        return ("the warp physics backend needs the warp-lang package, which is not installed: "
+                "pip install 'vecrl[warp]' (or warp-lang 1.19)")
+    return None
+
+
+def make(name: str, action_repeat: int = 1, backend: str = "jax", *, worlds: int = 64) -> Env:
     """The named task as an `Env` (see `envs_mjx.base.Env`) whose physics runs on `backend`. Envs of one domain
     share their compiled model, so their `reset`/`step` can be vmapped over tasks: reset each lane with
     `env.task_params(task)`. An Env holds only static things, so one is made per (task, action repeat, backend)
-    and shared, with its traced functions."""
+    and shared, with its traced functions. `worlds`: the most lanes one vmapped call of the env runs; Warp sizes
+    the contact pool that such a call shares by it (the other backends take any batch and ignore it)."""
     domain, task = split_name(name)
     if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
         raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
-    if backend not in BACKENDS:
-        raise ValueError(_unknown("backend", str(backend), BACKENDS))
+    problem = backend_problem(backend)
+    if problem:
+        raise ValueError(problem)
     if backend == "host":
         from envs_mjx.host import make_host  # pylint: disable=import-outside-toplevel
 
         get_domain(domain, task)  # an unported domain fails here, as on the other backends
         return make_host(name, action_repeat)
+    if backend == "warp":
+        from envs_mjx.warp import make_warp  # pylint: disable=import-outside-toplevel
+
+        return make_warp(name, action_repeat, worlds=worlds)
     return _make(get_domain(domain, task), task, action_repeat)
 
 

@@ -37,8 +37,13 @@ capacity `nconmax`); exceeding either is never silent: the step sets `overflow` 
 exactly as a non-finite state is contained. (Warp also prints a warning.) A contact-pool overflow flags every
 lane of the batch: which worlds lost contacts is not recorded.
 
-float32 only, as Warp. Vmapping over a batch is supported (the contact pool stays unbatched through `jax.vmap`);
-nested vmap is untested.
+Batching. Warp's batching rules keep the contact pool and its counters without a batch axis: one vmapped call
+shares them among its worlds, and every step rebuilds them. A `WarpEnvState` therefore carries only the per-world
+fields (its data's Warp part is a plain dict of them, so every leaf has the caller's batch axes and the state can
+be reshaped, stacked and checkpointed like any other); each call starts from the template's pool. Any vmap works, nested or over several axes flattened into one, as the trainer
+does; `worlds` must cover the product of the axes of one call.
+
+float32 only, as Warp.
 """
 
 from __future__ import annotations
@@ -52,13 +57,17 @@ import jax
 import jax.numpy as jnp
 import mujoco
 import numpy as np
+import warp
 from flax import struct
 from lxml import etree
 from mujoco import mjx
+from mujoco.mjx.warp import types as warp_types
 
 from envs_mjx import base
 from envs_mjx.base import Domain, Env, EnvState, TaskParams
 from envs_mjx.registry import get_domain, split_name
+
+warp.config.quiet = True  # a run's output stays the trainer's: no line per kernel module Warp loads
 
 MEASURED = """\
 2-core CPU, mujoco-mjx 3.17.0, warp-lang 1.19.0, `python -m envs_mjx.warp cheetah-run dog-run --batch 1 10
@@ -149,9 +158,7 @@ class WarpEnv(Env):
                  nconmax: int | None = None, njmax: int | None = None):
         if task not in domain.tasks:
             raise ValueError(f"domain {domain.name!r} has no task {task!r}; tasks: {sorted(domain.tasks)}")
-        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
-            raise ValueError(f"action_repeat must be a positive int, got {action_repeat!r}")
-        if not isinstance(worlds, int) or worlds < 1:
+        if not isinstance(worlds, int) or isinstance(worlds, bool) or worlds < 1:
             raise ValueError(f"worlds must be a positive int, got {worlds!r}")
         self.domain = domain
         self.task = task
@@ -162,17 +169,10 @@ class WarpEnv(Env):
         self._no_actuation = models.warp_no_actuation
         self.model_changes = _WARP_MODEL_CHANGES.get(domain.name, ())
         self.n_sub_steps = base.n_sub_steps(domain, self.mj_model)
-        control_steps = int(round(domain.time_limit))
-        if control_steps % action_repeat:
-            raise ValueError(f"action_repeat {action_repeat} does not divide the {control_steps} control steps "
-                             f"of a {self.name} episode")
-        self.episode_length = control_steps // action_repeat
+        self.episode_length = base.episode_length(domain, action_repeat)
         self.params = base._as_param_arrays(domain.tasks[task])  # pylint: disable=protected-access
         self.action_size = int(self.mj_model.nu)
-        ctrlrange = np.asarray(self.mj_model.actuator_ctrlrange, np.float32)
-        limited = np.asarray(self.mj_model.actuator_ctrllimited, bool)
-        self._ctrl_low = np.where(limited, ctrlrange[:, 0], -1.0).astype(np.float32)
-        self._ctrl_high = np.where(limited, ctrlrange[:, 1], 1.0).astype(np.float32)
+        self._ctrl_low, self._ctrl_high = base.ctrl_bounds(self.mj_model)
         sizes = dict(_POOL_SIZES.get(domain.name, {}))
         sizes.update({k: v for k, v in (("nconmax", nconmax), ("njmax", njmax)) if v is not None})
         self.worlds = worlds
@@ -181,6 +181,9 @@ class WarpEnv(Env):
         self.naconmax = self.nconmax * worlds
         self._acc_rows = _acc_sensor_rows(self.mj_model)
         self._template = mjx.make_data(self.mj_model, impl="warp", naconmax=self.naconmax, njmax=self.njmax)
+        self._per_world_fields = tuple(
+            path[0].name for path, _ in jax.tree_util.tree_flatten_with_path(self._template._impl)[0]  # pylint: disable=protected-access
+            if path[0].name not in warp_types.DATA_NON_VMAP)
         if domain.name == "cheetah":
             self._initialize = functools.partial(_cheetah_initialize, self)
         else:
@@ -211,6 +214,18 @@ class WarpEnv(Env):
                 f"act={self.action_size}, episode_length={self.episode_length}, worlds={self.worlds})")
 
     # -- physics helpers
+    def per_world(self, data: mjx.Data) -> mjx.Data:
+        """`data` without the fields a vmapped call shares among its worlds (Warp's `DATA_NON_VMAP`: the contact
+        pool, its counters, the pool sizes), its Warp part as a plain dict: what a `WarpEnvState` carries. Every
+        leaf then has the caller's batch axes, and nothing a step reads is lost: every step rebuilds the pool."""
+        impl = data._impl  # pylint: disable=protected-access
+        return data.replace(_impl={name: getattr(impl, name) for name in self._per_world_fields})
+
+    def full_data(self, data: mjx.Data) -> mjx.Data:
+        """A `WarpEnvState`'s data with the template's shared fields put back: what Warp's functions take. Call
+        it inside the vmapped function, so that the pool stays shared."""
+        return data.replace(_impl=self._template._impl.replace(**data._impl))  # pylint: disable=protected-access
+
     def _overflowed(self, d: mjx.Data) -> jax.Array:
         """A pool overflowed in the call that produced `d`, or before (Warp's flags are sticky per world). The
         counters catch a forward pass too, which sets no flags."""
@@ -241,7 +256,7 @@ class WarpEnv(Env):
         obs = self._flat_observation(data, task_state, params)
         overflow = overflow | self._overflowed(data)
         bad = overflow | ~base._all_finite((data.qpos, data.qvel, data.act, obs))  # pylint: disable=protected-access
-        return WarpEnvState(data=data, obs=jnp.where(bad, jnp.zeros_like(obs), obs),
+        return WarpEnvState(data=self.per_world(data), obs=jnp.where(bad, jnp.zeros_like(obs), obs),
                             reward=jnp.zeros((), jnp.float32), step=jnp.zeros((), jnp.int32),
                             done=jnp.asarray(False), nan=bad, params=params, task_state=task_state,
                             overflow=overflow)
@@ -262,7 +277,7 @@ class WarpEnv(Env):
 
     def step(self, state: WarpEnvState, action: jax.Array) -> WarpEnvState:
         """Apply `action` (in [-1, 1]) for `action_repeat` control steps; rewards are summed."""
-        action = self._check_action(action)
+        action = base.check_action(self.name, self.action_size, action)
         m, ctrl = self.mjx_model, self.ctrl_from_action(action)
 
         def control_step(carry, _):
@@ -279,7 +294,7 @@ class WarpEnv(Env):
             overflow = overflow | self._overflowed(data)
             return (data, overflow), self.domain.reward(self.mj_model, data, state.task_state, state.params)
 
-        (data, overflow), rewards = jax.lax.scan(control_step, (state.data, state.overflow), None,
+        (data, overflow), rewards = jax.lax.scan(control_step, (self.full_data(state.data), state.overflow), None,
                                                  length=self.action_repeat)
         obs = self._flat_observation(data, state.task_state, state.params)
         reward = jnp.sum(rewards).astype(jnp.float32)
@@ -288,7 +303,7 @@ class WarpEnv(Env):
         nan = state.nan | ~finite | overflow
         step = state.step + 1
         return state.replace(
-            data=data.where(nan, state.data),  # Warp's Data.where: the shared contact pool is not per lane
+            data=jax.tree.map(lambda new, old: jnp.where(nan, old, new), self.per_world(data), state.data),
             obs=jnp.where(nan, jnp.zeros_like(obs), obs),
             reward=jnp.where(nan, jnp.zeros_like(reward), reward),
             step=step,
@@ -358,7 +373,7 @@ def physics_rates(name: str, batch: int, control_steps: int, seed: int = 0) -> d
     @jax.jit
     def without_observation(data, keys):
         def substeps(d, ctrl):
-            d = d.replace(ctrl=ctrl)
+            d = env.full_data(d).replace(ctrl=ctrl)
             return jax.lax.fori_loop(0, env.n_sub_steps, lambda _, x: mjx.step(env.mjx_model, x), d)
 
         def body(d, k):

@@ -163,7 +163,7 @@ def test_observation_layout_matches_the_jax_backend(task):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="Valid backends: jax, host"):
+    with pytest.raises(ValueError, match="Valid backends: jax, warp, host"):
         envs_mjx.make("cheetah-run", backend="mujoco")
 
 

@@ -5,6 +5,7 @@ repeat). Warp builds its kernels once per model into ~/.cache/warp (about 45 s p
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,11 @@ import pytest
 from dm_control.suite import quadruped as dm_quadruped
 from mujoco import mjx
 
+import envs_mjx
 from envs_mjx import cheetah, parity
 from envs_mjx.warp import WarpEnvState, make_warp
+from tests.test_trainer import _rows, tiny
+from vecrl import run
 
 pytestmark = pytest.mark.slow
 BATCH = 2
@@ -115,23 +119,28 @@ def test_dog_parity(action_repeat):
 
 # ------------------------------------------------------------------------------------------ dynamics, resets
 def test_carried_data_steps_as_plain_mj_step():
-    """The observation pass must not touch the dynamics: the env's states equal a chain of plain `mjx.step`
-    calls, bitwise (quadruped: 4 substeps per control step)."""
+    """The observation pass must not touch the dynamics, nor may dropping the shared contact pool from the carried
+    state: the env's states equal one chain of plain `mjx.step` calls that carries Warp's whole data, bitwise
+    (quadruped: 4 substeps per control step)."""
     env, _, step = programs("quadruped-run", 1)
     fresh, _ = snapshots("quadruped-run")
     n = env.n_sub_steps
 
     @jax.jit
     @jax.vmap
-    def plain(d, ctrl):
-        d = d.replace(ctrl=ctrl)
-        return jax.lax.fori_loop(0, n, lambda _, x: mjx.step(env.mjx_model, x), d)
+    def plain(d, ctrls):
+        def control_step(x, ctrl):
+            x = x.replace(ctrl=ctrl)
+            return jax.lax.fori_loop(0, n, lambda _, y: mjx.step(env.mjx_model, y), x), None
 
-    states, raw = fresh, fresh.data
+        return jax.lax.scan(control_step, env.full_data(d), ctrls)[0]
+
+    states, ctrls = fresh, []
     for i in range(3):
         actions = jax.random.uniform(jax.random.key(100 + i), (BATCH, env.action_size), minval=-1, maxval=1)
         states = step(states, actions)
-        raw = plain(raw, states.data.ctrl)  # the env's own ctrl: this compares the physics alone
+        ctrls.append(states.data.ctrl)  # the env's own ctrl: this compares the physics alone
+    raw = plain(fresh.data, jnp.stack(ctrls, axis=1))
     for field in ("qpos", "qvel", "act", "qacc_warmstart"):
         np.testing.assert_array_equal(np.asarray(getattr(states.data, field)), np.asarray(getattr(raw, field)), field)
 
@@ -226,3 +235,42 @@ def test_constraint_rows_overflow_is_flagged_at_reset():
     states = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), BATCH))
     assert np.all(np.asarray(states.overflow)) and np.all(np.asarray(states.nan))
     assert np.all(np.asarray(states.obs) == 0)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+def test_trainer_on_warp_physics_repeats_and_resumes(tmp_path):
+    """The trainer with `train.physics = "warp"` (lanes flattened into one vmap, the contact pool sized per call):
+    a run cut after learning has started and resumed writes the rows of an uninterrupted run, bit for bit (the
+    Warp data's per-world fields, solver warm start included, are in the checkpoint). One evaluation per run:
+    each costs 1,000 control steps of Warp calls."""
+    spec = tiny(**{"tasks": ["cheetah-run"], "train.physics": "warp", "train.eval_every": 60})
+    full = run.train(spec, str(tmp_path / "full"), progress=False)
+    assert full["status"] == "complete"
+    rows = _rows(str(tmp_path / "full"))
+    assert not any(r["env_nan"] for r in rows) and all(r["eval_return"] is not None for r in rows if r["step"] == 60)
+    out = str(tmp_path / "resumed")
+    first = run.train(spec, out, progress=False, stop_after_chunks=2)
+    assert first["step"] == 40 and all(r["loss/critic"] is not None for r in _rows(out) if r["step"] == 40)
+    assert run.resume(out, progress=False)["status"] == "complete"
+    assert _rows(out) == rows
+
+
+# ------------------------------------------------------------------------------------------ the API
+@pytest.mark.parametrize("task", ["cheetah-run", "quadruped-run"])
+def test_made_through_the_registry_with_the_jax_backends_layout(task):
+    """`envs_mjx.make(task, backend="warp")` is this env, and agents and checkpoints see the same observation
+    vector and action size whichever backend ran the physics."""
+    env = envs_mjx.make(task, backend="warp", worlds=4)
+    assert env is make_warp(task, worlds=4)
+    jax_env = envs_mjx.make(task)
+    assert env.observation_spec == jax_env.observation_spec and env.action_size == jax_env.action_size
+    assert env.episode_length == jax_env.episode_length
+
+
+def test_missing_warp_lang_is_refused_before_compiling(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "warp" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'vecrl\[warp\]'"):
+        envs_mjx.make("cheetah-run", backend="warp")
+    with pytest.raises(run.RunError, match="warp-lang"):
+        run.check_ported(tiny(**{"train.physics": "warp"}))

@@ -68,9 +68,10 @@ class TrainConfig:
     # "bfloat16" ask for float32, TF32 or bfloat16 products accumulated in float32 (see `vecrl bench --precision`).
     matmul_precision: Literal["default", "float32", "tf32", "bfloat16"] = "default"
     # Where the physics runs (envs_mjx/README.md compares them): "jax", MJX on the accelerator, in the same program
-    # as the agent; "host", dm_control's own C MuJoCo on the host's CPU cores, called once per agent step for all
+    # as the agent; "warp", MJX on MuJoCo Warp (NVIDIA GPUs or the CPU; dm_control's models unchanged; needs the
+    # `warp` extra); "host", dm_control's own C MuJoCo on the host's CPU cores, called once per agent step for all
     # lanes (the reference physics, dm_control's models unchanged; the fastest on a CPU).
-    physics: Literal["jax", "host"] = "jax"
+    physics: Literal["jax", "warp", "host"] = "jax"
 
     def relations(self, section: str):
         if self.steps % self.chunk_steps:

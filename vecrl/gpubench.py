@@ -3,7 +3,8 @@ one prepared run sized for about 8 minutes on an H100/H200 (compiles included), 
 measured (`DIR/gpu-bench.jsonl`), so that a run cut short still leaves its data.
 
 1. Physics latency: env agent steps/s of humanoid-run and dog-run at batch 10 and 70 (jitted scan of vmapped steps),
-   on MJX and, last, on the host backend (dm_control's C MuJoCo on the machine's CPU cores, one callback per step).
+   on MJX and, last, on the Warp backend (MJX on MuJoCo Warp; skipped with a row saying why where warp-lang is
+   absent) and the host backend (dm_control's C MuJoCo on the machine's CPU cores, one callback per step).
 2. MAD-TD at paper size (512 units, batch 512, 151 bins, UTD 8, MPC off) on humanoid-run, for 1 and for 10 seeds in
    one program: compile time, per-agent-step time of warm-up chunks (env, inserts; no updates) and of update chunks,
    agent steps/s, matmul FLOPs per agent step (`vecrl.flops`, loop trip counts included) and the FLOP/s achieved,
@@ -27,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+import envs_mjx
 from envs_mjx.bench import mjx_rates
 from vecrl import config
 from vecrl.bench import bench_spec, compiled_chunk, update_cost
@@ -37,7 +39,7 @@ from vecrl.flops import traced_matmul_flops, xla_cost_flops
 SUITES = {
     "paper": dict(physics_tasks=("humanoid-run", "dog-run"), train_task="humanoid-run", batches=(10, 70),
                   physics_steps=100, seeds=(10, 1), chunk_steps=50, update_chunks=3, capacity=1_000_000,
-                  precisions=("default", "bfloat16", "float32"), other_physics=("host",)),
+                  precisions=("default", "bfloat16", "float32"), other_physics=("warp", "host")),
     "quickstart": dict(physics_tasks=("cartpole-balance",), train_task="cartpole-balance", batches=(10, 70),
                        physics_steps=50, seeds=(10, 1), chunk_steps=20, update_chunks=2, capacity=10_000,
                        precisions=("default",), other_physics=("host",)),
@@ -188,6 +190,10 @@ def run_gpu_suite(out_dir: str, size: str | None = None) -> str:
     if projection:
         out.write({"kind": "projection", **projection})
     for backend in suite["other_physics"]:
+        problem = envs_mjx.backend_problem(backend)
+        if problem:  # e.g. a GPU node without warp-lang: the other backends' rows are still worth having
+            out.write({"kind": "physics_skipped", "physics": backend, "why": problem})
+            continue
         for task in suite["physics_tasks"]:
             physics_rows(task, backend)
     out.write({"kind": "done", "elapsed_s": round(time.perf_counter() - t_start, 1)})

@@ -95,7 +95,7 @@ def check_memory(programs: dict[str, DomainProgram]) -> dict[str, int]:
 
 def check_ported(spec: RunSpec) -> None:
     """The spec's tasks exist on MJX and its matmul precision on this backend; else a RunError, before compiling."""
-    problem = matmul_precision_problem(spec, jax.default_backend())
+    problem = matmul_precision_problem(spec, jax.default_backend()) or envs_mjx.backend_problem(spec.train.physics)
     if problem:
         raise RunError(problem)
     available = envs_mjx.available_domains()

@@ -81,9 +81,14 @@ class DomainProgram:
     def __init__(self, spec: RunSpec, tasks: list[str]):
         self.spec, self.tasks = spec, list(tasks)
         self.train = spec.train
-        self.env = envs_mjx.make(tasks[0], action_repeat=spec.train.action_repeat, backend=spec.train.physics)
-        self.agent = make_agent(spec, self.env.observation_size, self.env.action_size)
         self.num_seeds, self.num_tasks = len(spec.seeds), len(tasks)
+        make = functools.partial(envs_mjx.make, tasks[0], spec.train.action_repeat, spec.train.physics)
+        # Warp sizes the contact pool one vmapped call shares by that call's lanes: training steps [seed, task],
+        # evaluation [seed, task, episode or held-out row]. The other backends return one env for both.
+        lanes = self.num_seeds * self.num_tasks
+        self.env = make(worlds=lanes)
+        self.eval_env = make(worlds=lanes * max(spec.train.eval_episodes, spec.train.diagnostic_rows, 1))
+        self.agent = make_agent(spec, self.env.observation_size, self.env.action_size)
         self.task_params = [self.env.task_params(t.split("-", 1)[1]) for t in tasks]
         self.held_out_capacity = max(1, math.ceil(spec.train.capacity * spec.train.holdout_fraction))
         self.chunk = self.env.jit(self._with_precision(self._chunk), donate_argnums=0)
@@ -229,7 +234,7 @@ class DomainProgram:
     def _eval_episodes(self, lanes: Lane, step: jax.Array) -> dict[str, jax.Array]:
         """Deterministic-policy episodes of every lane, and the critic's value Q(s, pi(s)) at each state they visit.
         The physics runs as one vmap over [seed, task, episode], the policy as one over [seed, task]."""
-        env, agent, n = self.env, self.agent, self.train.eval_episodes
+        env, agent, n = self.eval_env, self.agent, self.train.eval_episodes
 
         def lane_keys(eval_key):
             k_reset, k_act = jax.random.split(jax.random.fold_in(eval_key, step))
@@ -258,7 +263,7 @@ class DomainProgram:
         """The critic's squared TD error on training transitions, on held-out transitions, and on on-policy held-out
         transitions: the simulator restored to each held-out state and stepped with the target policy's action
         (paper Fig. 2 left). NaN for the held-out losses while the held-out buffer is empty. [seed, task] each."""
-        env, agent, rows = self.env, self.agent, self.train.diagnostic_rows
+        env, agent, rows = self.eval_env, self.agent, self.train.diagnostic_rows
         transitions = ("obs", "action", "reward", "next_obs", "mask")
 
         def draw(lane):
