@@ -22,10 +22,13 @@ def apply() -> None:
 
 def enable_compilation_cache(path: str | None = None) -> str:
     """Keep compiled XLA programs on disk (default ~/.cache/vecrl/xla, or $VECRL_XLA_CACHE), so a second run
-    of the same program (a resumed run, a rerun, the test suite) skips MJX's tens of seconds of compilation."""
+    of the same program (a resumed run, a rerun, the test suite) skips MJX's tens of seconds of compilation.
+    VECRL_XLA_CACHE=off leaves it off (returns "")."""
     import jax  # pylint: disable=import-outside-toplevel
 
     path = path or os.environ.get("VECRL_XLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vecrl", "xla")
+    if path == "off":
+        return ""
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
