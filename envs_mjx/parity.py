@@ -181,3 +181,148 @@ def trajectory_divergence(domain_name: str, tasks: list[str] | None = None, per_
                                         float(r_mjx[:, cols[worst]].sum()), float(r_dm[:, cols[worst]].sum())))
     return results
 
+
+# ------------------------------------------------------------------------------------ states of trained agents
+# The forward speed each task rewards (dm_control's `_RUN_SPEED`, `_WALK_SPEED`, ...; 0 for standing): a trained
+# agent spends its episodes near it, upright, where random-action rollouts never go.
+TARGET_SPEEDS = {
+    "cheetah-run": 10.0,
+    "walker-stand": 0.0, "walker-walk": 1.0, "walker-run": 8.0,
+    "humanoid-stand": 0.0, "humanoid-walk": 1.0, "humanoid-run": 10.0,
+    "quadruped-walk": 0.5, "quadruped-run": 5.0,
+    "dog-stand": 0.0, "dog-walk": 1.0, "dog-trot": 3.0, "dog-run": 9.0,
+}
+# Domains whose reset does not leave the body upright: they start from the model's standing pose (qpos0).
+_STAND_FROM_QPOS0 = ("walker", "humanoid", "quadruped")
+
+
+@dataclasses.dataclass
+class AgentLikeResult:
+    task: str
+    step_obs_err_by_key: dict[str, dict[str, float]]  # per action repeat ("1", "2"): max |obs_env - obs_dm|
+    step_reward_err: dict[str, float]  # per action repeat: max |reward summed over the repeat| difference
+    # The same differences between dm_control and itself started 1e-6 away in qpos: how far float rounding alone
+    # carries two copies of the true physics from such a state (contact onsets amplify it by orders of magnitude)
+    self_obs_err_by_key: dict[str, dict[str, float]]
+    self_reward_err: dict[str, float]
+    n_states: int
+    speed: float  # the mean forward speed of the states, as dm_control measures it (m/s, along the heading)
+
+
+def _forward_direction(physics) -> tuple[np.ndarray, np.ndarray]:
+    """The dofs and unit vector of the body's forward motion: a planar body's slide x, or a free root's linear
+    velocity along its heading (its x axis, projected on the floor)."""
+    if physics.model.jnt_type[0] == 0:  # mjJNT_FREE
+        x_axis = physics.data.xmat[1].reshape(3, 3)[:, 0].copy()
+        x_axis[2] = 0.0
+        return np.arange(3), x_axis / np.linalg.norm(x_axis)
+    return np.arange(1), np.ones(1)
+
+
+def agent_like_parity(env: Env, restore, step, lane_tasks: list[str], states: EnvState, lead_in: int = 10,
+                      seed: int = 0) -> dict[str, AgentLikeResult]:
+    """One-step parity at states of the kind a trained agent visits, at action repeat 1 and 2.
+
+    Each lane's state is built in dm_control (float64 C MuJoCo, the task's unchanged model) from `states`' lane
+    (a fresh reset: its episode targets go into dm_control): the body upright (the model's standing pose for
+    walker, humanoid and quadruped; the reset's own pose for cheetah, settled on the floor, and dog, standing),
+    moving at its task's target speed along its heading (`TARGET_SPEEDS`) with N(0, 0.5) added to every velocity,
+    then `lead_in` control steps of uniform random actions, so that contacts, joint velocities and the gait's
+    forces are those of a moving body and not of an initial condition. That state (rounded to float32, the solver
+    warm start zeroed) goes into both simulators: `restore` (a batched `env.restore`) and dm_control's
+    `reset_context`; then both take the same random action for 1 and 2 control steps (`step` is the env's batched
+    step at action repeat 1; holding an action for two of its calls is action repeat 2's physics). dm_control also
+    steps from the state with qpos moved by N(0, 1e-6), for the physics' own sensitivity at that state.
+
+    These are built states, not states recorded from trained policies: they put the body where trained agents
+    are (upright, fast, in contact), which random rollouts from a reset never reach."""
+    rng = np.random.default_rng(seed)
+    keys = [k for k, _ in env.observation_spec]
+    ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
+    tasks = list(dict.fromkeys(lane_tasks))
+    dm_envs = {t: load_dm_control(t, seed) for t in tasks}
+
+    def per_repeat():
+        return {t: {"1": dict.fromkeys(keys, 0.0), "2": dict.fromkeys(keys, 0.0)} for t in tasks}
+
+    step_err, self_err = per_repeat(), per_repeat()
+    reward_err = {t: {"1": 0.0, "2": 0.0} for t in tasks}
+    self_reward_err = {t: {"1": 0.0, "2": 0.0} for t in tasks}
+    speeds: dict[str, list[float]] = {t: [] for t in tasks}
+
+    def record(per_key, diff):
+        for k, part in zip(keys, np.split(diff, ends[:-1])):
+            per_key[k] = max(per_key[k], float(np.max(part)))
+
+    def dm_steps(dm_env, q, v, a, lane, action):
+        """dm_control from (q, v, a): the flat observation and summed reward after 1 and 2 control steps."""
+        physics = dm_env.physics
+        with physics.reset_context():
+            physics.data.qpos[:], physics.data.qvel[:] = q, v
+            if physics.model.na:
+                physics.data.act[:] = a
+            physics.data.qacc_warmstart[:] = 0.0
+            if env.domain.sync_dm_control is not None:
+                env.domain.sync_dm_control(dm_env, jax.tree.map(lambda x: np.asarray(x)[lane], states.task_state))
+        out, reward = [], 0.0
+        for _ in range(2):
+            ts = dm_env.step(env.ctrl_from_action(action))
+            reward += ts.reward
+            out.append((flat_dm_observation(ts.observation), reward))
+        return out
+
+    lo, hi = (np.asarray(b, np.float64) for b in (env._ctrl_low, env._ctrl_high))  # pylint: disable=protected-access
+    built = []
+    for lane, task in enumerate(lane_tasks):
+        dm_env = dm_envs[task]
+        dm_env.reset()
+        copy_state_into(dm_env, env, states, lane)  # the reset's pose and the episode's targets
+        physics = dm_env.physics
+        with physics.reset_context():
+            if env.domain.name in _STAND_FROM_QPOS0:
+                physics.data.qpos[:] = physics.model.qpos0
+        dofs, direction = _forward_direction(physics)
+        with physics.reset_context():
+            physics.data.qvel[:] += rng.normal(0.0, 0.5, physics.model.nv)
+            physics.data.qvel[dofs] += TARGET_SPEEDS[task] * direction
+        for _ in range(lead_in):
+            dm_env.step(rng.uniform(lo, hi))
+        dofs, direction = _forward_direction(physics)
+        speeds[task].append(float(physics.data.qvel[dofs] @ direction))
+        built.append([np.asarray(x, np.float32) for x in (physics.data.qpos, physics.data.qvel, physics.data.act)])
+    q, v, a = (np.stack(x) for x in zip(*built))
+    restored = restore(jnp.asarray(q), jnp.asarray(v), jnp.asarray(a), states.task_state, states.params)
+    actions = rng.uniform(-1, 1, (len(lane_tasks), env.action_size)).astype(np.float32)
+    once = step(restored, jnp.asarray(actions))
+    twice = step(once, jnp.asarray(actions))
+    for lane, task in enumerate(lane_tasks):
+        if np.any(np.asarray(twice.nan[lane])):
+            raise AssertionError(f"{task}: lane {lane} went non-finite from an agent-like state")
+        dm = dm_steps(dm_envs[task], q[lane], v[lane], a[lane], lane, actions[lane])
+        nudged = q[lane] + rng.normal(0.0, 1e-6, q.shape[1])
+        dm_nudged = dm_steps(dm_envs[task], nudged, v[lane], a[lane], lane, actions[lane])
+        env_reward = 0.0
+        for i, (repeat, stepped) in enumerate((("1", once), ("2", twice))):
+            env_reward += float(stepped.reward[lane])
+            (obs_dm, reward_dm), (obs_nudged, reward_nudged) = dm[i], dm_nudged[i]
+            record(step_err[task][repeat], np.abs(np.asarray(stepped.obs[lane]) - obs_dm))
+            record(self_err[task][repeat], np.abs(obs_nudged - obs_dm))
+            reward_err[task][repeat] = max(reward_err[task][repeat], abs(env_reward - reward_dm))
+            self_reward_err[task][repeat] = max(self_reward_err[task][repeat], abs(reward_nudged - reward_dm))
+    return {t: AgentLikeResult(t, step_err[t], reward_err[t], self_err[t], self_reward_err[t], lane_tasks.count(t),
+                               float(np.mean(speeds[t]))) for t in tasks}
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_restore_of(domain: Domain):
+    env = _batched_fns_of(domain)[0]
+    return env.jit(jax.vmap(env.restore))
+
+
+def agent_like_results(domain_name: str, tasks: list[str], per_task: int = 2, seed: int = 0
+                       ) -> dict[str, AgentLikeResult]:
+    """`agent_like_parity` on the JAX backend for `tasks` (one task group), on the lanes and compiled step of
+    `one_step_parity` (same `per_task`), plus one batched restore."""
+    env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, 0, seed)
+    restore = _batched_restore_of(get_domain(*split_name(tasks[0])))
+    return agent_like_parity(env, restore, step, lanes, snapshots[0], seed=seed)

@@ -67,7 +67,7 @@ from envs_mjx import base
 from envs_mjx.base import Domain, Env, EnvState, TaskParams
 from envs_mjx.registry import get_domain, split_name
 
-warp.config.quiet = True  # a run's output stays the trainer's: no line per kernel module Warp loads
+warp.config.log_level = warp.LOG_WARNING  # a run's output stays the trainer's: no banner, no line per kernel module
 
 MEASURED = """\
 2-core CPU, mujoco-mjx 3.17.0, warp-lang 1.19.0, `python -m envs_mjx.warp cheetah-run dog-run --batch 1 10

@@ -74,6 +74,15 @@ def test_one_step_parity():
                                    rollout_steps=ROLLOUT)
 
 
+@pytest.mark.xfail(strict=True, reason="the JAX backend's dog is a changed model (docs/envs/dog.md)")
+def test_agent_like_parity():
+    """At a trained dog's speeds the JAX backend's changed model (no ellipsoid contacts, no noslip) is not
+    dm_control's dog: measured (1 state per task), dog-walk 2.9e-2 rad/s in joint velocities after one control
+    step (dm_control against itself from 1e-6 away: 9.8e-5), dog-run 4.9 after two (6.1e-4). The Warp backend,
+    with the unchanged model, agrees there (tests/test_warp.py); this fails until the JAX model does too."""
+    envtest.assert_agent_like_parity(DOMAIN, obs_tol=1e-3, reward_tol=1e-6, per_task=PER_TASK)
+
+
 def test_trajectory_divergence():
     envtest.assert_divergence_bounded(DOMAIN, mean_reward_tol=DIVERGENCE_TOL, per_task=PER_TASK)
 

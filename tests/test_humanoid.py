@@ -23,6 +23,17 @@ def test_one_step_parity():
     envtest.assert_one_step_parity(DOMAIN, obs_tol=OBS_TOL, reward_tol=REWARD_TOL)
 
 
+@pytest.mark.xfail(strict=True, reason="a known gap: see the comment")
+def test_agent_like_parity():
+    """Upright from the standing pose at each task's target speed, at action repeat 1 and 2."""
+    # Fails, measured (2 states per task): humanoid-run at 9.8 m/s agrees after one control step (velocity 1.1e-4)
+    # and not after two: velocity 1.8, joint_angles 7.3e-2, reward 4.5e-4, where dm_control against itself from
+    # 1e-6 away stays within 1.1e-4; humanoid-stand already differs by 5.4e-2 in velocity after one step
+    # (dm_control's own: 3.7e-4). The Warp backend, on dm_control's unchanged model, differs the same way at run
+    # speed (1.9 after two steps), so the MJX-only edits are not the cause; not yet explained.
+    envtest.assert_agent_like_parity(DOMAIN, obs_tol=1e-4, reward_tol=1e-6)
+
+
 def test_trajectory_divergence():
     # A weak check here: the random-action humanoid falls and lies, where every reward is ~0 (head far below 1.4 m),
     # so rewards agree closely although the states separate after the first impact (docs/envs/humanoid.md).

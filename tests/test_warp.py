@@ -87,6 +87,19 @@ def assert_parity(name, action_repeat, obs_tol, reset_tol, reward_tol):
 
 
 # ------------------------------------------------------------------------------------------ parity
+# Measured (2 states each; speeds 9.4, 3.1 and 8.7 m/s) against dm_control / dm_control's own difference from 1e-6
+# away, worst of x1 and x2: cheetah position 7.4e-8 / 2.4e-6, velocity 3.7e-6 / 1.5e-5; quadruped
+# egocentric_state 6.2e-5 / 1.8e-4, torso_velocity 1.9e-6, imu 2.1e-4 / 7.8e-4, force_torque 1e-4 / 7e-4; dog
+# joint_angles 2.3e-6, joint_velocites 1.9e-4 / 6.6e-4, inertial_sensors 1.3e-4, foot_forces 1.7e-4 / 8.2e-4;
+# rewards <= 2.8e-7. (Humanoid-run, not tested here: 1.9 in velocity after two steps, as on the JAX backend.)
+AGENT_LIKE_TOL = {
+    "cheetah-run": {"position": 1e-6, "velocity": 3e-5},
+    "quadruped-run": {"egocentric_state": 5e-4, "torso_velocity": 2e-5, "torso_upright": 1e-6, "imu": 2e-3,
+                      "force_torque": 1e-3},
+    "dog-run": {"joint_angles": 2e-5, "joint_velocites": 2e-3, "torso_pelvis_height": 1e-6, "z_projection": 2e-6,
+                "torso_com_velocity": 1e-5, "inertial_sensors": 1e-3, "foot_forces": 2e-3, "touch_sensors": 1e-3,
+                "actuator_state": 1e-6},
+}
 @pytest.mark.parametrize("action_repeat", [1, 2])
 def test_cheetah_parity(action_repeat):
     # Measured (seed 0, 2 lanes, fresh resets and after 10 random steps), x1 / x2: position 3.4e-7 / 2.9e-7,
@@ -115,6 +128,23 @@ def test_dog_parity(action_repeat):
                "torso_com_velocity": 2e-4, "inertial_sensors": 0.1, "foot_forces": 0.03, "touch_sensors": 0.02,
                "actuator_state": 1e-6}
     assert_parity("dog-run", action_repeat, obs_tol=obs_tol, reset_tol=5e-4, reward_tol=5e-6)
+
+
+@pytest.mark.parametrize("name", ["cheetah-run", "quadruped-run", "dog-run"])
+def test_agent_like_parity(name):
+    """At states of the kind a trained agent visits (`parity.agent_like_parity`: upright, at the task's target
+    speed, in contact; 2 lanes), after 1 and 2 control steps, with dm_control's unchanged models on both sides: within
+    the bound, or within 10x dm_control's own difference from a start 1e-6 away in qpos where a contact begins."""
+    env, _, step = programs(name, 1)
+    fresh, _ = snapshots(name)
+    r = parity.agent_like_parity(env, jax.jit(jax.vmap(env.restore)), step, [name] * BATCH, fresh)[name]
+    for repeat, errs in r.step_obs_err_by_key.items():
+        for key, err in errs.items():
+            bound = AGENT_LIKE_TOL[name][key] + 10 * r.self_obs_err_by_key[repeat][key]
+            assert err <= bound, f"{name} x{repeat} ({r.speed:.1f} m/s): {key} differs by {err:.3g} (bound {bound:.3g})"
+        bound = 1e-6 + 10 * r.self_reward_err[repeat]
+        assert r.step_reward_err[repeat] <= bound, (name, repeat, r.step_reward_err[repeat])
+    assert r.speed >= 0.5 * parity.TARGET_SPEEDS[name], r.speed
 
 
 # ------------------------------------------------------------------------------------------ dynamics, resets
