@@ -135,16 +135,21 @@ def agent_like_results(domain: str, per_task: int = 2):
     return parity.agent_like_results(domain, parity.list_tasks(domain), per_task)
 
 
-def assert_agent_like_parity(domain: str, obs_tol: float | dict[str, float], reward_tol: float, per_task: int = 2,
-                             sensitivity_factor: float = 10.0):
-    """`parity.agent_like_parity` on the JAX backend (the lanes and step of the one-step checks with the same
-    `per_task`): after 1 and 2 control steps every observation value (`obs_tol`: one bound, or one per key) and
-    the reward summed over the repeat (`reward_tol`) agree with dm_control up to the bound plus
-    `sensitivity_factor` times dm_control's own difference from a start 1e-6 away, which is what float rounding
-    alone becomes where a contact begins within the step. The running tasks' states must really be at speed (at
-    least half a target of 3 m/s or more: random rollouts never get there, so the recipe must not quietly lose
-    what it is for; at walking speeds the velocity noise dominates)."""
-    for task, r in agent_like_results(domain, per_task).items():
+def assert_agent_like_parity(domain: str, obs_tol: float | dict[str, float], reward_tol: float, per_task: int = 2):
+    """`parity.agent_like_parity` on the JAX backend, on the lanes and step of the one-step checks with the same
+    `per_task`, within `assert_agent_like_within`'s bounds."""
+    assert_agent_like_within(agent_like_results(domain, per_task), obs_tol, reward_tol)
+
+
+def assert_agent_like_within(results: dict[str, parity.AgentLikeResult], obs_tol: float | dict[str, float],
+                             reward_tol: float, sensitivity_factor: float = 10.0):
+    """After 1 and 2 control steps every observation value (`obs_tol`: one bound, or one per key) and the reward
+    summed over the repeat (`reward_tol`) agree with dm_control up to the bound plus `sensitivity_factor` times
+    dm_control's own difference from a start 1e-6 away, which is what float rounding alone becomes where a contact
+    begins within the step. The running tasks' states must really be at speed (at least half a target of 3 m/s or
+    more: random rollouts never get there, so the recipe must not quietly lose what it is for; at walking speeds
+    the velocity noise dominates)."""
+    for task, r in results.items():
         for repeat, errs in r.step_obs_err_by_key.items():
             for key, err in errs.items():
                 tol = obs_tol[key] if isinstance(obs_tol, dict) else obs_tol
