@@ -7,7 +7,9 @@ import os
 
 import jax
 import pytest
+from jax._src import compilation_cache
 
+from envs_mjx.xla_flags import enable_compilation_cache
 from vecrl import config, run
 from vecrl.config import SpecError
 
@@ -52,6 +54,19 @@ def compile_log():
         logger.removeHandler(handler)
 
 
+@pytest.fixture
+def xla_cache(tmp_path):
+    """The persistent compilation cache, as the CLI enables it, in a folder of this test's own (the suite keeps it
+    off elsewhere: see conftest)."""
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    enable_compilation_cache(str(tmp_path / "xla"))
+    compilation_cache.reset_cache()  # jax decides once per process whether a cache is in use
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "full")
@@ -78,7 +93,7 @@ def test_run_completes_with_metrics_summary_and_config(full_run):
         assert os.path.exists(os.path.join(out, name))
 
 
-def test_resume_equals_uninterrupted(full_run, tmp_path):
+def test_resume_equals_uninterrupted(full_run, tmp_path, xla_cache):  # pylint: disable=unused-argument
     out_full, _ = full_run
     out = str(tmp_path / "resumed")
     # Cut after 20 agent steps of updates (warm-up ends at step 20): the checkpoint holds trained weights and Adam
@@ -93,7 +108,7 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
     assert resumed["status"] == "complete"
     assert _rows(out) == _rows(out_full)
     # The restored state is placed as a fresh one is, so the programs compiled before the interruption (here, in
-    # the persistent compilation cache that conftest enables) serve the resumed run instead of being rebuilt.
+    # the persistent compilation cache) serve the resumed run instead of being rebuilt.
     for name in ("jit__chunk", "jit__evaluate"):
         assert any(f"cache hit for '{name}'" in m for m in records), [m for m in records if name in m][:3]
 
