@@ -67,9 +67,10 @@ def test_reset_settles_as_dm_control():
     settle has the cheetah touch itself (a foot on its thigh or torso: about 1 in 10)."""
     q_err, v_err, self_touching = settle_errors(n_seeds=16)
     assert self_touching >= 2, "no self-touching settle among these resets: the check would not cover them"
-    # Measured over these 32 resets (2 of them self-touching): qpos <= 5.0e-6, qvel <= 1.8e-4. Without the
+    # Measured over these 32 resets (2 of them self-touching): qpos <= 5.0e-6, qvel <= 1.8e-4, and 1.65e-5 in qpos
+    # once when the settle program was compiled afresh (200 contact steps carry rounding that far). Without the
     # cheetah's self-collision pairs, the self-touching resets settled up to 8e-2 apart in qpos.
-    assert q_err <= 1e-5 and v_err <= 1e-3, (q_err, v_err)
+    assert q_err <= 1e-4 and v_err <= 1e-3, (q_err, v_err)
 
 
 def test_initial_state_distribution():

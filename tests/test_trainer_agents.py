@@ -14,7 +14,7 @@ from vecrl import config, run
 from vecrl.checkpoint import Checkpoints
 from vecrl.train import DomainProgram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("memory_heavy")]
 
 
 TINY_AGENTS = {

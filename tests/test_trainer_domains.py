@@ -10,7 +10,7 @@ from tests.test_trainer import tiny
 from vecrl import config
 from vecrl.train import DomainProgram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("memory_heavy")]
 
 DOMAINS = sorted({d for name in config.shipped_specs() for d in config.load_spec(name).domains()} - {"cartpole"})
 
