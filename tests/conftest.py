@@ -9,9 +9,9 @@ import envs_mjx  # noqa: F401  (sets the XLA CPU flags before jax starts)
 from envs_mjx.xla_flags import enable_compilation_cache
 
 # The persistent compilation cache is opt-in for the suite (VECRL_TEST_XLA_CACHE=1: compiled programs are then
-# reused across test runs on this machine). Off by default because writing an entry serialises the executable, and
-# jaxlib 0.10.1's CPU serialiser segfaulted writing a tiny trainer program in two full-suite runs (always in
-# test_trainer_agents, never when that file ran alone); a crashed worker fails the whole run.
+# reused across test runs on this machine). Off by default: in two full-suite runs a worker segfaulted inside
+# jaxlib 0.10.1's CPU serialiser writing an entry (test_trainer_agents; a third crashed in the compiler itself, see
+# `memory_heavy`), and every entry written is one more large allocation; a crashed worker fails the whole run.
 if os.environ.get("VECRL_TEST_XLA_CACHE"):
     enable_compilation_cache()
 else:
