@@ -116,6 +116,14 @@ def sample_states(domain_name: str, tasks: list[str], per_task: int, rollout_ste
     return env, step, lanes, snapshots
 
 
+def record_max_by_key(env: Env, per_key: dict[str, float], diff: np.ndarray) -> None:
+    """Raise each observation key's entry of `per_key` to the largest value of `diff` (a flat observation-sized
+    vector) in that key's slice."""
+    ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
+    for (k, _), part in zip(env.observation_spec, np.split(diff, ends[:-1])):
+        per_key[k] = max(per_key[k], float(np.max(part)))
+
+
 def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: int = 2, rollout_steps: int = 20,
                     seed: int = 0) -> list[ParityResult]:
     groups = task_groups(domain_name, tasks)
@@ -125,13 +133,9 @@ def one_step_parity(domain_name: str, tasks: list[str] | None = None, per_task: 
     env, step, lanes, snapshots = sample_states(domain_name, tasks, per_task, rollout_steps, seed)
     rng = np.random.default_rng(seed)
     keys = [k for k, _ in env.observation_spec]
-    ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
     obs_errs = {t: ({k: 0.0 for k in keys}, {k: 0.0 for k in keys}) for t in tasks}  # (reset, step) per key
     reward_err, n_states = dict.fromkeys(tasks, 0.0), dict.fromkeys(tasks, 0)
-
-    def record(per_key, diff):
-        for k, part in zip(keys, np.split(diff, ends[:-1])):
-            per_key[k] = max(per_key[k], float(np.max(part)))
+    record = functools.partial(record_max_by_key, env)
     dm_envs = {t: load_dm_control(t, seed) for t in tasks}
     for states in snapshots:
         actions = rng.uniform(-1, 1, (len(lanes), env.action_size)).astype(np.float32)
@@ -238,7 +242,6 @@ def agent_like_parity(env: Env, restore, step, lane_tasks: list[str], states: En
     are (upright, fast, in contact), which random rollouts from a reset never reach."""
     rng = np.random.default_rng(seed)
     keys = [k for k, _ in env.observation_spec]
-    ends = np.cumsum([int(np.prod(shape)) for _, shape in env.observation_spec])
     tasks = list(dict.fromkeys(lane_tasks))
     dm_envs = {t: load_dm_control(t, seed) for t in tasks}
 
@@ -250,9 +253,7 @@ def agent_like_parity(env: Env, restore, step, lane_tasks: list[str], states: En
     self_reward_err = {t: {"1": 0.0, "2": 0.0} for t in tasks}
     speeds: dict[str, list[float]] = {t: [] for t in tasks}
 
-    def record(per_key, diff):
-        for k, part in zip(keys, np.split(diff, ends[:-1])):
-            per_key[k] = max(per_key[k], float(np.max(part)))
+    record = functools.partial(record_max_by_key, env)
 
     def dm_steps(dm_env, q, v, a, lane, action):
         """dm_control from (q, v, a): the flat observation and summed reward after 1 and 2 control steps."""

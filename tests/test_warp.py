@@ -52,9 +52,7 @@ def parity_errors(name: str, action_repeat: int, seed: int = 0):
     snapshot state copied into dm_control; the max reward difference; and the max difference of the reset
     observation itself (fresh resets only: dm_control recomputes it with its own forward pass)."""
     env, _, step = programs(name, action_repeat)
-    keys = [k for k, _ in env.observation_spec]
-    ends = np.cumsum([int(np.prod(s)) for _, s in env.observation_spec])
-    obs_err, reset_err, reward_err = dict.fromkeys(keys, 0.0), 0.0, 0.0
+    obs_err, reset_err, reward_err = dict.fromkeys([k for k, _ in env.observation_spec], 0.0), 0.0, 0.0
     dm_env = parity.load_dm_control(name, seed)
     rng = np.random.default_rng(seed)
     for which, states in enumerate(snapshots(name, seed)):
@@ -71,8 +69,7 @@ def parity_errors(name: str, action_repeat: int, seed: int = 0):
                 ts = dm_env.step(env.ctrl_from_action(actions[lane]))
                 reward += ts.reward
             diff = np.abs(np.asarray(stepped.obs[lane]) - parity.flat_dm_observation(ts.observation))
-            for k, part in zip(keys, np.split(diff, ends[:-1])):
-                obs_err[k] = max(obs_err[k], float(np.max(part)))
+            parity.record_max_by_key(env, obs_err, diff)
             reward_err = max(reward_err, abs(float(stepped.reward[lane]) - reward))
     return obs_err, reset_err, reward_err
 
